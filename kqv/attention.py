@@ -1,0 +1,367 @@
+"""Scaled dot-product attention and one module for MHA, GQA and MQA.
+
+The search-engine picture of chapter 1 in one line: each query scores every
+key by a dot product, the scores become weights by a softmax, and the answer is
+the weighted sum of the values::
+
+    Attention(Q, K, V) = softmax(Q K^T / sqrt(D)) V
+
+Shapes follow the legend in :mod:`kqv`: queries (B, H, T, D), keys and values
+(B, H_kv, S, D). When H_kv < H, each KV head serves a group of
+``q_per_kv = H / H_kv`` consecutive query heads (grouped-query attention)::
+
+    query heads   q0 q1 q2 q3 q4 q5 q6 q7        H    = 8
+                  \\___/ \\___/ \\___/ \\___/
+    KV heads        k0    k1    k2    k3         H_kv = 4, q_per_kv = 2
+
+    H_kv == H  ->  multi-head attention (MHA, chapter 3)
+    H_kv == 1  ->  multi-query attention (MQA, chapter 5)
+    otherwise  ->  grouped-query attention (GQA, chapter 6)
+
+Two paths compute the same thing. The eager path spells out every step and can
+return the weights (for plots); the fused path hands the work to PyTorch's
+``scaled_dot_product_attention`` (FlashAttention-style kernels where the
+device has them). Neither copies K/V once per query head: a group's query heads
+are stacked against their shared KV head instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .cache import KVCache
+from .rope import apply_rope, rope_angles
+
+__all__ = [
+    "causal_mask",
+    "repeat_kv",
+    "scaled_dot_product_attention",
+    "resolve_positions",
+    "Attention",
+]
+
+
+def causal_mask(T: int, S: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """Boolean mask (T, S), True where a query may look: the last T of S tokens are new.
+
+    The mask is aligned bottom-right: new query i sits at position S - T + i and
+    sees keys 0 .. S - T + i. For a full prefill (T == S) this is the usual
+    lower triangle; for one decode query (T == 1) it is a row of all True.
+    (PyTorch's ``is_causal=True`` aligns top-left, so one decode query would see
+    only key 0: right for prefill, wrong for a cache.)
+    """
+    if T > S:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got T={T}, S={S}")
+    rows = torch.arange(T, device=device).unsqueeze(1) + (S - T)   # (T, 1) absolute positions
+    cols = torch.arange(S, device=device).unsqueeze(0)             # (1, S)
+    return cols <= rows                                            # (T, S)
+
+
+def repeat_kv(x: torch.Tensor, q_per_kv: int) -> torch.Tensor:
+    """Copy each KV head ``q_per_kv`` times: (B, H_kv, S, D) -> (B, H, S, D).
+
+    ``repeat_interleave``, not ``repeat``: query heads 0 and 1 share KV head 0,
+    so the copies must come out as [K0, K0, K1, K1], not [K0, K1, K0, K1].
+    kqv never needs this on its own paths; it is the reference the tests and
+    the benchmark compare against, and what many implementations do.
+    """
+    return x.repeat_interleave(q_per_kv, dim=-3)
+
+
+def _check_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Validate shapes, dtypes and devices; return q_per_kv (1 without heads)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() < 2:
+            raise ValueError(f"{name} needs at least 2 dimensions (tokens, width), got shape {tuple(t.shape)}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be floating point, got dtype {t.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"queries have width D={q.shape[-1]} but keys have width {k.shape[-1]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"keys hold S={k.shape[-2]} tokens but values hold {v.shape[-2]}")
+    if k.shape[:-1] != v.shape[:-1]:
+        raise ValueError(f"keys {tuple(k.shape)} and values {tuple(v.shape)} disagree before the last axis")
+    if q.dim() >= 3 and k.dim() >= 3 and q.shape[-3] != k.shape[-3]:
+        H, H_kv = q.shape[-3], k.shape[-3]
+        if H % H_kv:
+            raise ValueError(
+                f"the number of query heads H ({H}) must be divisible by the number of KV heads H_kv ({H_kv})"
+            )
+        if q.dim() != k.dim() or q.shape[:-3] != k.shape[:-3]:
+            raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree before the head axis")
+        return H // H_kv
+    return 1
+
+
+def _full_mask(
+    mask: torch.Tensor | None, is_causal: bool, T: int, S: int, device: torch.device
+) -> torch.Tensor | None:
+    """Combine a user mask (bool: True = attend; or float: added) with the causal one."""
+    if not is_causal:
+        return mask
+    causal = causal_mask(T, S, device)
+    if mask is None:
+        return causal
+    if mask.dtype == torch.bool:
+        return mask & causal
+    return mask.masked_fill(~causal, float("-inf"))
+
+
+def _grouped(x: torch.Tensor, q_per_kv: int) -> torch.Tensor:
+    """(..., H, T, X) -> (..., H_kv, q_per_kv, T, X): query heads stacked by group."""
+    return x.unflatten(-3, (-1, q_per_kv))
+
+
+def scaled_dot_product_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    return_weights: bool = False,
+    fused: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """softmax(q k^T * scale + mask) v, for any number of query and KV heads.
+
+    Args:
+        q: queries (B, H, T, D); any leading axes, or none: (T, D) is one head.
+        k: keys (B, H_kv, S, D), with H divisible by H_kv.
+        v: values (B, H_kv, S, D_v).
+        mask: boolean (True = may attend) or additive float, broadcastable to
+            (B, H, T, S).
+        is_causal: also hide the future, aligned bottom-right (the last T of the
+            S keys are the queries' own tokens); see :func:`causal_mask`.
+        scale: multiplies the scores; default 1 / sqrt(D).
+        return_weights: also return the attention weights (B, H, T, S) (eager only).
+        fused: use PyTorch's fused kernel instead of the readable eager path.
+
+    Returns:
+        The output (B, H, T, D_v) in the dtype of q, and with ``return_weights``
+        the weights as well.
+    """
+    q_per_kv = _check_qkv(q, k, v)
+    T, S, D = q.shape[-2], k.shape[-2], q.shape[-1]
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    if is_causal and T > S:
+        raise ValueError(f"causal attention needs at least as many keys as queries, got T={T}, S={S}")
+    if fused:
+        if return_weights:
+            raise ValueError("the fused kernel does not expose its weights; use fused=False")
+        return _fused(q, k, v, mask, is_causal, scale, q_per_kv)
+
+    full = _full_mask(mask, is_causal, T, S, q.device)
+    # Stack each group's query heads against its KV head: (B, H_kv, q_per_kv, T, D).
+    # With q_per_kv == 1 (MHA) this is only a view with an extra axis of size 1.
+    if q_per_kv > 1:
+        q, k, v = _grouped(q, q_per_kv), k.unsqueeze(-3), v.unsqueeze(-3)
+    scores = (q @ k.transpose(-2, -1)) * scale                       # (..., T, S)
+    if q_per_kv > 1:
+        scores = scores.flatten(-4, -3)                              # (B, H, T, S)
+    if full is not None:
+        if full.dtype == torch.bool:
+            scores = scores.masked_fill(~full, float("-inf"))
+        else:
+            scores = scores + full
+    # Softmax in float32: half-precision exponentials lose the small weights.
+    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)      # (B, H, T, S)
+    w = _grouped(weights, q_per_kv) if q_per_kv > 1 else weights
+    out = w @ v                                                      # (..., T, D_v)
+    if q_per_kv > 1:
+        out = out.flatten(-4, -3)                                    # (B, H, T, D_v)
+    return (out, weights) if return_weights else out
+
+
+def _fused(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor | None,
+    is_causal: bool,
+    scale: float,
+    q_per_kv: int,
+) -> torch.Tensor:
+    """PyTorch's fused attention, fed so that it never repeats K/V per query head."""
+    T, S = q.shape[-2], k.shape[-2]
+    if q_per_kv == 1:
+        if is_causal and T == S and mask is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        full = _full_mask(mask, is_causal, T, S, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
+    if is_causal and T == S and mask is None and q.device.type == "cuda":
+        # Full prefill on a GPU: the flash kernels handle groups natively.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    # Fold the group into the query axis: a group's q_per_kv * T query rows all
+    # attend to the same KV head, so (B, H_kv, q_per_kv * T, D) against
+    # (B, H_kv, S, D) is one ordinary attention per KV head.
+    B_axes = q.shape[:-3]
+    H, D = q.shape[-3], q.shape[-1]
+    H_kv = H // q_per_kv
+    q_f = q.reshape(*B_axes, H_kv, q_per_kv * T, D)                   # (B, H_kv, q_per_kv*T, D)
+    full = _full_mask(mask, is_causal, T, S, q.device)
+    if full is not None:
+        full = full.expand(*B_axes, H, T, S).reshape(*B_axes, H_kv, q_per_kv * T, S)
+    out = F.scaled_dot_product_attention(q_f, k, v, attn_mask=full, scale=scale)
+    return out.reshape(*B_axes, H, T, v.shape[-1])                   # (B, H, T, D_v)
+
+
+def resolve_positions(
+    positions: torch.Tensor | None, B: int, T: int, start: int | None, device: torch.device
+) -> torch.Tensor:
+    """Absolute positions of T new tokens, (T,) or (B, T), checked against a cache.
+
+    ``start`` is how many tokens the cache already holds (None without a cache).
+    The new tokens are written after them, so they must sit at
+    start .. start + T - 1. Without a cache any positions are accepted.
+    """
+    if positions is None:
+        return torch.arange(start or 0, (start or 0) + T, device=device)
+    if positions.is_floating_point():
+        raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
+    if positions.shape not in ((T,), (B, T)):
+        raise ValueError(f"positions must have shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
+    positions = positions.to(device)
+    if start is not None:
+        expected = torch.arange(start, start + T, device=device)
+        if not bool((positions == expected).all()):
+            got = positions.flatten()[:4].tolist()
+            raise ValueError(
+                f"positions must continue the cache, which holds {start} tokens: expected "
+                f"{start}..{start + T - 1}, got {got}{'...' if positions.numel() > 4 else ''}"
+            )
+    return positions
+
+
+class Attention(nn.Module):
+    """Causal self-attention with H query heads and H_kv key/value heads.
+
+    One knob, ``num_kv_heads``, spans the family: ``num_heads`` gives MHA
+    (the default), 1 gives MQA, anything that divides ``num_heads`` gives GQA.
+    Parameters have the shapes of Hugging Face's ``LlamaAttention``, so a
+    Llama-family checkpoint's tensors load unchanged::
+
+        q_proj: (H * D, hidden)      k_proj, v_proj: (H_kv * D, hidden)
+        o_proj: (hidden, H * D)
+
+    Args:
+        hidden_size: the model width.
+        num_heads: H, query heads.
+        num_kv_heads: H_kv, key/value heads (default H).
+        head_dim: D (default hidden_size / H).
+        rope_theta: apply RoPE (Llama's rotate-half pairs) with this base; None for none.
+        bias: biases on all four projections (Llama's ``attention_bias``).
+        fused: run PyTorch's fused kernel (default) or the readable eager path.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        rope_theta: float | None = None,
+        bias: bool = False,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads < 1 or num_kv_heads < 1:
+            raise ValueError(f"num_heads ({num_heads}) and num_kv_heads ({num_kv_heads}) must be positive")
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads ({num_heads}) must be divisible by num_kv_heads ({num_kv_heads})"
+            )
+        if head_dim is None:
+            if hidden_size % num_heads:
+                raise ValueError(
+                    f"hidden_size ({hidden_size}) must be divisible by num_heads ({num_heads}) "
+                    f"unless head_dim is given"
+                )
+            head_dim = hidden_size // num_heads
+        if rope_theta is not None and head_dim % 2:
+            raise ValueError(f"RoPE needs an even head_dim, got {head_dim}")
+        self.hidden_size = hidden_size
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.q_per_kv = num_heads // num_kv_heads
+        self.rope_theta = rope_theta
+        self.fused = fused
+        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=bias)
+        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, head_dim={self.head_dim}, "
+            f"rope_theta={self.rope_theta}, fused={self.fused}"
+        )
+
+    def new_cache(
+        self,
+        batch_size: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> KVCache:
+        """An empty :class:`~kqv.cache.KVCache` (B, H_kv, S_max, D), on this module's device and dtype by default."""
+        w = self.k_proj.weight
+        return KVCache(
+            batch_size, self.num_kv_heads, max_len, self.head_dim,
+            dtype=dtype or w.dtype, device=device or w.device,
+        )
+
+    def project(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries for the new tokens and keys/values for every token (cached ones too).
+
+        Returns q (B, H, T, D) and k, v (B, H_kv, S, D), where S counts the
+        cached tokens plus the T new ones.
+        """
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
+        B, T, _ = x.shape
+        start = None
+        if cache is not None:
+            if cache.batch_size != B:
+                raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
+            start = cache.length
+        positions = resolve_positions(positions, B, T, start, x.device)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
+        if self.rope_theta is not None:
+            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)            # (T, D/2)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v)                                                    # (B, H_kv, S, D)
+        return q, k, v
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+    ) -> torch.Tensor:
+        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given."""
+        q, k, v = self.project(x, positions, cache)
+        out = scaled_dot_product_attention(q, k, v, is_causal=True, fused=self.fused)    # (B, H, T, D)
+        B, T = x.shape[:2]
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+    @torch.no_grad()
+    def attention_weights(self, x: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """The causal attention weights (B, H, T, T) of a forward pass over x, for plots."""
+        q, k, v = self.project(x, positions)
+        _, weights = scaled_dot_product_attention(q, k, v, is_causal=True, return_weights=True)
+        return weights

@@ -1,0 +1,242 @@
+"""Caches that know their own size.
+
+During generation every new token needs the keys and values of all the tokens
+before it. Recomputing them each step costs O(S) projections per step; keeping
+them costs memory. A cache here is a set of preallocated buffers with a fill
+level, like gpt-fast's and torchtune's, plus what those lack: it reports
+``bytes_per_token`` and ``nbytes``, which equal what its tensors occupy.
+
+- :class:`KVCache` keeps per-KV-head keys and values, (B, H_kv, S_max, D) each:
+  ``2 * H_kv * D`` numbers per token (MHA, GQA and MQA differ only in H_kv).
+- :class:`LatentCache` keeps MLA's normalized latent c_kv (d_c numbers) and the
+  one RoPE key shared by all heads (d_r numbers), side by side in a buffer of
+  shape (B, S_max, d_c + d_r): ``d_c + d_r`` numbers per token, whatever the
+  number of heads.
+- :class:`ModelCache` is one cache per layer of a decoder.
+
+Book: chapter 4 ("The KV cache") and chapter 7 ("The latent cache").
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+__all__ = ["Cache", "KVCache", "LatentCache", "ModelCache"]
+
+
+class Cache:
+    """Named buffers that grow along one sequence axis, filled from the left.
+
+    Args:
+        shapes: for each buffer, its shape with ``None`` where the sequence axis is.
+        batch_size, max_len: B and S_max.
+        dtype, device: of every buffer (float32 and the CPU by default).
+    """
+
+    def __init__(
+        self,
+        shapes: dict[str, tuple[int | None, ...]],
+        *,
+        max_len: int,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        if max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {max_len}")
+        dtype = dtype or torch.get_default_dtype()
+        if not dtype.is_floating_point:
+            raise TypeError(f"a cache holds floating-point numbers, got dtype {dtype}")
+        self.max_len = max_len
+        self.length = 0  # S: how many tokens the cache holds
+        self._seq_dims: dict[str, int] = {}
+        self.buffers: dict[str, torch.Tensor] = {}
+        for name, shape in shapes.items():
+            seq_dim = shape.index(None)
+            full = tuple(max_len if s is None else s for s in shape)
+            self._seq_dims[name] = seq_dim
+            self.buffers[name] = torch.zeros(full, dtype=dtype, device=device)
+
+    # --- what it holds -------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(iter(self.buffers.values())).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(iter(self.buffers.values())).device
+
+    @property
+    def batch_size(self) -> int:
+        return next(iter(self.buffers.values())).shape[0]
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes that one more token of one sequence occupies in this cache."""
+        total = 0
+        for name, buf in self.buffers.items():
+            per_slot = buf.numel() // (buf.shape[self._seq_dims[name]] * buf.shape[0])
+            total += per_slot * buf.element_size()
+        return total
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes that the preallocated buffers occupy: B * S_max * bytes_per_token."""
+        return sum(buf.element_size() * buf.numel() for buf in self.buffers.values())
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __repr__(self) -> str:
+        parts = ", ".join(f"{n}={tuple(b.shape)}" for n, b in self.buffers.items())
+        return (
+            f"{type(self).__name__}({parts}, length={self.length}, dtype={self.dtype}, "
+            f"bytes_per_token={self.bytes_per_token})"
+        )
+
+    # --- filling it ----------------------------------------------------------
+    def append(self, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write T new tokens after the S held ones and return views of all S + T.
+
+        Every buffer must be given, each with T on its sequence axis.
+        """
+        if set(new) != set(self.buffers):
+            raise ValueError(f"expected tensors for {sorted(self.buffers)}, got {sorted(new)}")
+        lengths = {name: t.shape[self._seq_dims[name]] for name, t in new.items() if t.dim()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError(f"new tensors disagree on the number of tokens: {lengths}")
+        T = next(iter(lengths.values()))
+        if self.length + T > self.max_len:
+            raise RuntimeError(
+                f"cache overflow: it holds {self.length} of max_len={self.max_len} tokens "
+                f"and cannot take {T} more; create it with a larger max_len"
+            )
+        start, end = self.length, self.length + T
+        views = []
+        for name, t in new.items():
+            buf, dim = self.buffers[name], self._seq_dims[name]
+            expected = list(buf.shape)
+            expected[dim] = T
+            if list(t.shape) != expected:
+                raise ValueError(
+                    f"{name} has shape {tuple(t.shape)}, the cache expects {tuple(expected)}"
+                )
+            if t.dtype != buf.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {buf.dtype}")
+            buf.narrow(dim, start, T).copy_(t)
+        self.length = end
+        for name in new:
+            views.append(self.buffers[name].narrow(self._seq_dims[name], 0, end))
+        return tuple(views)
+
+    def reset(self) -> None:
+        """Forget every token (the buffers stay allocated)."""
+        self.length = 0
+
+
+class KVCache(Cache):
+    """Keys and values for :class:`kqv.Attention`: two buffers of shape (B, H_kv, S_max, D)."""
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_kv_heads: int,
+        max_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, num_kv_heads, None, head_dim)
+        super().__init__({"k": shape, "v": shape}, max_len=max_len, dtype=dtype, device=device)
+
+    def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v of shape (B, H_kv, T, D); return all keys and values, (B, H_kv, S+T, D)."""
+        return self.append(k=k, v=v)  # type: ignore[return-value]
+
+
+class LatentCache(Cache):
+    """MLA's cache: per token, the normalized latent c_kv (d_c) and the RoPE key (d_r).
+
+    Both sit side by side in one buffer, (B, S_max, d_c + d_r), because the
+    absorbed path attends against exactly that row: one "KV head" of width
+    d_c + d_r shared by every query head, the layout of FlashMLA's decode kernel.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        kv_lora_rank: int,
+        qk_rope_head_dim: int,
+        max_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(
+            {"latent": (batch_size, None, kv_lora_rank + qk_rope_head_dim)},
+            max_len=max_len,
+            dtype=dtype,
+            device=device,
+        )
+        self.kv_lora_rank = kv_lora_rank
+        self.qk_rope_head_dim = qk_rope_head_dim
+
+    def update(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+        """Append c_kv (B, T, d_c) and k_rope (B, T, d_r); return every row, (B, S, d_c + d_r)."""
+        if c_kv.shape[-1] != self.kv_lora_rank or k_rope.shape[-1] != self.qk_rope_head_dim:
+            raise ValueError(
+                f"expected widths d_c={self.kv_lora_rank} and d_r={self.qk_rope_head_dim}, "
+                f"got c_kv {tuple(c_kv.shape)} and k_rope {tuple(k_rope.shape)}"
+            )
+        if c_kv.shape[:-1] != k_rope.shape[:-1]:
+            raise ValueError(f"c_kv {tuple(c_kv.shape)} and k_rope {tuple(k_rope.shape)} disagree before the last axis")
+        (latent,) = self.append(latent=torch.cat((c_kv, k_rope), dim=-1))  # (B, S, d_c + d_r)
+        return latent
+
+
+class ModelCache(Sequence[Cache]):
+    """One cache per layer of a decoder, with the totals of all of them."""
+
+    def __init__(self, layers: Sequence[Cache]) -> None:
+        if not layers:
+            raise ValueError("a model cache needs at least one layer")
+        self.layers = list(layers)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.layers[i]
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __iter__(self) -> Iterator[Cache]:
+        return iter(self.layers)
+
+    @property
+    def length(self) -> int:
+        """Tokens held (the same in every layer)."""
+        return self.layers[0].length
+
+    @property
+    def max_len(self) -> int:
+        return self.layers[0].max_len
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes one more token of one sequence occupies, over all layers."""
+        return sum(c.bytes_per_token for c in self.layers)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(c.nbytes for c in self.layers)
+
+    def reset(self) -> None:
+        for c in self.layers:
+            c.reset()
+
+    def __repr__(self) -> str:
+        return (
+            f"ModelCache({len(self.layers)} x {type(self.layers[0]).__name__}, "
+            f"length={self.length}, bytes_per_token={self.bytes_per_token}, nbytes={self.nbytes})"
+        )
