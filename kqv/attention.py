@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cache import KVCache
+from .cache import Cache, KVCache
 from .rope import apply_rope, rope_angles
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "repeat_kv",
     "scaled_dot_product_attention",
     "resolve_positions",
+    "check_input",
     "Attention",
 ]
 
@@ -241,6 +242,21 @@ def resolve_positions(
     return positions
 
 
+def check_input(
+    x: torch.Tensor, hidden_size: int, positions: torch.Tensor | None, cache: Cache | None
+) -> torch.Tensor:
+    """Check an attention module's input x (B, T, hidden) and return the new tokens' positions."""
+    if x.dim() != 3 or x.shape[-1] != hidden_size:
+        raise ValueError(f"x must have shape (B, T, {hidden_size}), got {tuple(x.shape)}")
+    B, T, _ = x.shape
+    start = None
+    if cache is not None:
+        if cache.batch_size != B:
+            raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
+        start = cache.length
+    return resolve_positions(positions, B, T, start, x.device)
+
+
 class Attention(nn.Module):
     """Causal self-attention with H query heads and H_kv key/value heads.
 
@@ -331,15 +347,8 @@ class Attention(nn.Module):
         Returns q (B, H, T, D) and k, v (B, H_kv, S, D), where S counts the
         cached tokens plus the T new ones.
         """
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
+        positions = check_input(x, self.hidden_size, positions, cache)
         B, T, _ = x.shape
-        start = None
-        if cache is not None:
-            if cache.batch_size != B:
-                raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
-            start = cache.length
-        positions = resolve_positions(positions, B, T, start, x.device)
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)

@@ -47,7 +47,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import resolve_positions, scaled_dot_product_attention
+from .attention import check_input, scaled_dot_product_attention
 from .cache import LatentCache
 from .norm import RMSNorm
 from .rope import apply_rope, rope_angles
@@ -157,16 +157,9 @@ class MultiHeadLatentAttention(nn.Module):
         rows [c_kv ; k_rope] (B, S, d_c + d_r), where S counts the cached tokens
         plus the T new ones.
         """
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
+        positions = check_input(x, self.hidden_size, positions, cache)
         B, T, _ = x.shape
         H, d_c, d_r, D_nope = self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
-        start = None
-        if cache is not None:
-            if cache.batch_size != B:
-                raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
-            start = cache.length
-        positions = resolve_positions(positions, B, T, start, x.device)
 
         # Queries: H heads, each [q_nope ; q_rope].
         if self.q_lora_rank is None:
