@@ -33,7 +33,7 @@ def rope_angles(
         theta: the base of the frequencies (10000 in the RoFormer paper).
 
     Returns:
-        ``(cos, sin)``, each of shape (*positions.shape, D/2): one angle per pair.
+        ``(cos, sin)``, each of shape ``(*positions.shape, D/2)``: one angle per pair.
     """
     if dim % 2:
         raise ValueError(f"RoPE needs an even width, got dim={dim}")
