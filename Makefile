@@ -21,6 +21,9 @@ NB ?=
 # Stored notebook outputs and test tolerances assume this thread count.
 export OMP_NUM_THREADS := 2
 export MKL_NUM_THREADS := 2
+# Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning
+# threads steal the cores that do the work (outputs are unchanged).
+export OMP_WAIT_POLICY := PASSIVE
 unexport MPLBACKEND
 # The kernels that nbval starts run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
