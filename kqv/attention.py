@@ -193,11 +193,15 @@ def _fused(
 ) -> torch.Tensor:
     """PyTorch's fused attention, fed so that it never repeats K/V per query head."""
     T, S = q.shape[-2], k.shape[-2]
+    if is_causal and T == 1 and mask is None:
+        # Decoding: the one new token comes after every key it attends to, so its
+        # causal mask is all True. Without a mask the kernel has less to read.
+        is_causal = False
     if q_per_kv == 1:
         if is_causal and T == S and mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
         full = _full_mask(mask, is_causal, T, S, q.device)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=full, scale=scale)
+        return _fused_kernel(q, k, v, full, scale)
     if is_causal and T == S and mask is None and q.device.type == "cuda":
         # Full prefill on a GPU: the flash kernels handle groups natively.
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
@@ -211,8 +215,75 @@ def _fused(
     full = _full_mask(mask, is_causal, T, S, q.device)
     if full is not None:
         full = full.expand(*B_axes, H, T, S).reshape(*B_axes, H_kv, q_per_kv * T, S)
-    out = F.scaled_dot_product_attention(q_f, k, v, attn_mask=full, scale=scale)
+    out = _fused_kernel(q_f, k, v, full, scale)
     return out.reshape(*B_axes, H, T, v.shape[-1])                   # (B, H, T, D_v)
+
+
+def _fused_kernel(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """``F.scaled_dot_product_attention``, or on a CPU its kernel over slices of the keys (:func:`_split_kv`)."""
+    splits = _kv_splits(q, k, v, mask)
+    if splits > 1:
+        return _split_kv(q, k, v, scale, splits)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+# PyTorch's CPU flash-attention kernel, called directly because it also returns
+# the log-sum-exp of each query's scores, which merging slices needs.
+_cpu_flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _kv_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> int:
+    """Into how many slices of the keys to split a CPU attention (1: do not split).
+
+    PyTorch's CPU kernel gives each thread whole (batch, head, block of 32 query
+    rows) items. Decoding with few KV heads (MQA, absorbed MLA) makes fewer items
+    than threads: with one KV head and one block of queries, one core works and
+    the others wait. Splitting the keys makes more items. Only unmasked
+    attention of one batch row or one KV head, equal key and value widths and
+    at least 512 keys per slice qualifies.
+    """
+    if _cpu_flash is None or q.device.type != "cpu" or mask is not None or q.dim() != 4:
+        return 1
+    B, H_kv, R, _ = q.shape
+    S = k.shape[-2]
+    if (B != 1 and H_kv != 1) or R > 32 or k.shape[-1] != v.shape[-1]:
+        return 1
+    splits = min(torch.get_num_threads() // (B * H_kv), S // 512)
+    return splits if splits > 1 else 1
+
+
+def _split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, splits: int) -> torch.Tensor:
+    """Attend to ``splits`` slices of the keys at once, then merge: flash-decoding on a CPU.
+
+    q (B, H_kv, R, D) against k, v (B, H_kv, S, D), with B or H_kv equal to 1
+    (the slices take that axis's place, so they stay views of the cache).
+    Each slice s gives an output o_s normalized over its own keys and the
+    log-sum-exp l_s of its scores; the full softmax weighs slice s by
+    exp(l_s) / sum_s' exp(l_s'), that is, softmax over the l_s.
+    """
+    B, H_kv, R, D = q.shape
+    S = k.shape[-2]
+    size = S // splits
+    ax = 0 if B == 1 else 1                                              # the size-1 axis
+
+    def slices(x: torch.Tensor, start: int, n: int, length: int) -> torch.Tensor:
+        return x.narrow(-2, start, n * length).squeeze(ax).unflatten(-2, (n, length))  # (B*H_kv, n, length, D)
+
+    parts = [(slices(k, 0, splits, size), slices(v, 0, splits, size))]
+    if splits * size < S:                                                # the few keys left over
+        rest = S - splits * size
+        parts.append((slices(k, splits * size, 1, rest), slices(v, splits * size, 1, rest)))
+    outs, lses = [], []
+    for k_s, v_s in parts:
+        q_s = q.squeeze(ax).unsqueeze(1).expand(-1, k_s.shape[1], R, D)  # (B*H_kv, n, R, D), no copy
+        out, lse = _cpu_flash(q_s, k_s, v_s, scale=scale)                # (B*H_kv, n, R, D_v), (B*H_kv, n, R)
+        outs.append(out)
+        lses.append(lse)
+    weight = torch.softmax(torch.cat(lses, 1).float(), dim=1)            # (B*H_kv, slices, R)
+    out = (torch.cat(outs, 1).float() * weight.unsqueeze(-1)).sum(1)     # (B*H_kv, R, D_v)
+    return out.unsqueeze(ax).to(q.dtype)                                 # (B, H_kv, R, D_v)
 
 
 def resolve_positions(

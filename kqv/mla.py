@@ -211,15 +211,18 @@ class MultiHeadLatentAttention(nn.Module):
         W_UK, _ = self.up_projections()                                     # (H, D_nope, d_c)
         q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, W_UK)             # (B, H, T, d_c)
         q = torch.cat((q_latent, q_rope), dim=-1)                           # (B, H, T, d_c + d_r)
-        # Keys are whole latent rows, values their first d_c numbers: no copies.
-        k = latent.unsqueeze(1)                                             # (B, 1, S, d_c + d_r)
-        v = latent[..., : self.kv_lora_rank].unsqueeze(1)                   # (B, 1, S, d_c)
+        # Keys and values are the same latent rows, no copies: the values that
+        # matter are the first d_c numbers of each row, but fused kernels want keys
+        # and values of one width, so the whole row goes in (as in FlashMLA, which
+        # reads both from one buffer) and the caller drops the last d_r outputs.
+        k = v = latent.unsqueeze(1)                                         # (B, 1, S, d_c + d_r)
         return q, k, v
 
     def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """Fold W_UK into the queries and W_UV into the output; attend against the latents."""
         q, k, v = self._absorbed_qkv(q_nope, q_rope, latent)
-        o_latent = scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, fused=True)
+        o_rows = scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, fused=True)
+        o_latent = o_rows[..., : self.kv_lora_rank]                         # (B, H, T, d_c): sum_s w_s c_s
         _, W_UV = self.up_projections()                                     # (H, D_v, d_c)
         return torch.einsum("bhtc,hvc->bhtv", o_latent, W_UV)               # (B, H, T, D_v)
 

@@ -1,0 +1,167 @@
+"""kqv.bench: the benchmark runs and its results are well-formed (nothing about speed).
+
+``python -m kqv.bench --quick --json PATH`` runs once for the whole module;
+the tests then check its JSON: every key, positive finite numbers, ratios and
+roofline fractions that follow from the timings they report, and outputs that
+agree where two paths compute the same thing. The goals (a roofline fraction of
+0.5, ratios of 1 and 5) are what the benchmark reports against, never asserted:
+a busy CI machine must not fail a test for being slow.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kqv import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+RATIOS = ["decode_roofline_fraction", "gqa_fused_vs_repeat", "mla_absorbed_vs_naive", "smollm2_kqv_vs_transformers"]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    """The JSON and printed table of one ``--quick`` run."""
+    path = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.run(
+        [sys.executable, "-m", "kqv.bench", "--quick", "--markdown", "--json", str(path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(path.read_text()), proc.stdout
+
+
+def positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
+def close(a, b, rel=1e-9) -> bool:
+    return math.isclose(a, b, rel_tol=rel)
+
+
+def test_every_ratio_is_reported_with_its_goal(quick_run):
+    result, table = quick_run
+    assert set(RATIOS) <= set(result)
+    assert result["goals"] == bench.GOALS
+    for key in RATIOS:
+        value = result[key]
+        if value is None:  # only with a stated reason
+            assert result["skipped"][key]
+        else:
+            assert positive(value), (key, value)
+        assert key in table
+        assert f"| `{key}` |" in table  # the Markdown summary for the README
+
+
+def test_meta_and_machine(quick_run):
+    result, _ = quick_run
+    meta, machine = result["meta"], result["machine"]
+    assert meta["quick"] is True
+    assert isinstance(meta["threads"], int) and meta["threads"] >= 1
+    assert meta["device"] and meta["dtype"] and meta["date"]
+    assert positive(meta["wall_seconds"])
+    for key in ("copy_bytes_per_second", "matmul_flops_per_second", "ridge_flops_per_byte"):
+        assert positive(machine[key]), key
+    assert close(machine["ridge_flops_per_byte"], machine["matmul_flops_per_second"] / machine["copy_bytes_per_second"])
+
+
+def test_roofline_rows_follow_from_their_timings(quick_run):
+    result, _ = quick_run
+    roof, machine = result["decode_roofline"], result["machine"]
+    rows = roof["rows"]
+    contexts = sorted({r["context"] for r in rows})
+    assert contexts == sorted(result["meta"]["sizes"]["contexts"])
+    assert {(r["variant"], r["context"]) for r in rows} == {(v, s) for v in bench.VARIANTS for s in contexts}
+    for r in rows:
+        for key in ("seconds", "cache_bytes", "bytes", "flops", "floor_seconds", "roofline_fraction"):
+            assert positive(r[key]), (r["variant"], r["context"], key)
+        assert r["bytes"] >= r["cache_bytes"]
+        memory = r["bytes"] / machine["copy_bytes_per_second"]
+        compute = r["flops"] / machine["matmul_flops_per_second"]
+        assert close(r["floor_seconds"], max(memory, compute))
+        assert r["bound"] == ("memory" if memory >= compute else "compute")
+        assert close(r["roofline_fraction"], r["floor_seconds"] / r["seconds"])
+        assert close(r["flops_per_byte"], r["flops"] / r["bytes"])
+    at_largest = [r for r in rows if r["context"] == contexts[-1]]
+    worst = min(at_largest, key=lambda r: r["roofline_fraction"])
+    assert roof["context"] == contexts[-1] and roof["worst_variant"] == worst["variant"]
+    assert close(result["decode_roofline_fraction"], worst["roofline_fraction"])
+
+
+def test_cache_sizes_shrink_along_the_family(quick_run):
+    result, _ = quick_run
+    e = torch.empty((), dtype=getattr(torch, result["meta"]["dtype"])).element_size()
+    per_token = {r["variant"]: r["cache_bytes_per_token"] for r in result["decode_roofline"]["rows"]}
+    assert per_token == {"MHA": 2 * 32 * 128 * e, "GQA": 2 * 8 * 128 * e, "MQA": 2 * 128 * e, "MLA": 576 * e}
+
+
+def test_gqa_and_mla_ratios_and_agreement(quick_run):
+    result, _ = quick_run
+    gqa, mla = result["gqa"], result["mla"]
+    assert positive(gqa["kqv_seconds"]) and positive(gqa["repeat_seconds"])
+    assert close(result["gqa_fused_vs_repeat"], gqa["repeat_seconds"] / gqa["kqv_seconds"])
+    tol = 1e-4 if result["meta"]["dtype"] == "float32" else 5e-2
+    assert gqa["relative_diff"] < tol  # the two compute the same attention
+    assert positive(mla["absorbed_seconds"]) and positive(mla["naive_seconds"])
+    assert close(result["mla_absorbed_vs_naive"], mla["naive_seconds"] / mla["absorbed_seconds"])
+    assert mla["config"] == "deepseek-ai/DeepSeek-V2-Lite"
+    assert mla["relative_diff"] < tol
+
+
+def test_smollm2_generates_the_same_tokens_in_both(quick_run):
+    result, _ = quick_run
+    if result["smollm2_kqv_vs_transformers"] is None:
+        pytest.skip(result["skipped"]["smollm2_kqv_vs_transformers"])
+    s = result["smollm2"]
+    if result["meta"]["dtype"] == "float32":  # in half precision the two may round apart
+        assert s["same_tokens"] is True
+    for key in ("kqv_tokens_per_second", "transformers_tokens_per_second", "kqv_seconds", "transformers_seconds"):
+        assert positive(s[key]), key
+    assert close(s["kqv_tokens_per_second"], s["new_tokens"] / s["kqv_seconds"])
+    assert close(result["smollm2_kqv_vs_transformers"], s["kqv_tokens_per_second"] / s["transformers_tokens_per_second"])
+
+
+def test_decode_step_times_is_notebook_sized():
+    rows = bench.decode_step_times(["MHA", "MQA", "MLA"], [16, 64], repeats=1, warmup=0, flush=False, device="cpu")
+    assert [(r["variant"], r["context"]) for r in rows] == [
+        (v, s) for s in (16, 64) for v in ("MHA", "MQA", "MLA")
+    ]
+    for r in rows:
+        assert positive(r["seconds"]) and len(r["times"]) == 1
+        assert r["cache_bytes"] == r["cache_bytes_per_token"] * r["context"]
+
+
+def test_decode_step_times_rejects_unknown_variants():
+    with pytest.raises(ValueError, match="unknown variants"):
+        bench.decode_step_times(["MLA", "XYZ"], [8])
+
+
+# --- the CPU decode path the benchmark relies on (kqv.attention._split_kv) -------------
+
+@pytest.mark.parametrize("B, H, H_kv, S", [(1, 32, 1, 2100), (1, 8, 2, 1537), (3, 16, 1, 1100)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_split_kv_decode_equals_eager(B, H, H_kv, S, dtype):
+    """Slices of the keys attended apart and merged by log-sum-exp give the eager result."""
+    from conftest import TOL
+    from kqv.attention import _split_kv, scaled_dot_product_attention
+
+    q = torch.randn(B, H, 1, 64, dtype=dtype)
+    k, v = torch.randn(B, H_kv, S, 64, dtype=dtype), torch.randn(B, H_kv, S, 64, dtype=dtype)
+    eager = scaled_dot_product_attention(q, k, v, is_causal=True).float()
+    q_f = q.reshape(B, H_kv, H // H_kv, 64)
+    for splits in (2, 3, 7):  # 1537 and 2100 keys leave a remainder
+        out = _split_kv(q_f, k, v, 0.125, splits).reshape(B, H, 1, 64)
+        assert torch.allclose(out.float(), eager, atol=TOL[dtype]), splits
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)  # so that the fused path takes the split
+        fused = scaled_dot_product_attention(q, k, v, is_causal=True, fused=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(fused.float(), eager, atol=TOL[dtype])
