@@ -314,9 +314,19 @@ def resolve_positions(
 
 
 def check_input(
-    x: torch.Tensor, hidden_size: int, positions: torch.Tensor | None, cache: Cache | None
-) -> torch.Tensor:
-    """Check an attention module's input x (B, T, hidden) and return the new tokens' positions."""
+    x: torch.Tensor,
+    hidden_size: int,
+    positions: torch.Tensor | None,
+    cache: Cache | None,
+    angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor | None:
+    """Check an attention module's input x (B, T, hidden) and return the new tokens' positions.
+
+    With ``angles`` (RoPE cosines and sines that a caller such as
+    :class:`kqv.model.Decoder` computed once for all its layers, from positions
+    it has resolved itself) the positions are not needed: only the angles'
+    number of tokens is checked, and None is returned.
+    """
     if x.dim() != 3 or x.shape[-1] != hidden_size:
         raise ValueError(f"x must have shape (B, T, {hidden_size}), got {tuple(x.shape)}")
     B, T, _ = x.shape
@@ -325,6 +335,10 @@ def check_input(
         if cache.batch_size != B:
             raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
         start = cache.length
+    if angles is not None:
+        if angles[0].shape[-2] != T:
+            raise ValueError(f"the RoPE angles cover {angles[0].shape[-2]} tokens, x has T={T}")
+        return None
     return resolve_positions(positions, B, T, start, x.device)
 
 
@@ -410,31 +424,52 @@ class Attention(nn.Module):
             dtype=dtype or w.dtype, device=device or w.device,
         )
 
+    def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """RoPE's (cos, sin) for these positions, each (T, D/2) or (B, T, D/2); None without RoPE."""
+        if self.rope_theta is None:
+            return None
+        return rope_angles(positions, self.head_dim, self.rope_theta)
+
     def project(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries for the new tokens and keys/values for every token (cached ones too).
+
+        ``angles``: this module's :meth:`rope_angles` of the new tokens'
+        positions, if the caller has them (a :class:`~kqv.model.Decoder`
+        computes them once per step for all its layers); ``positions`` is then
+        not used.
 
         Returns q (B, H, T, D) and k, v (B, H_kv, S, D), where S counts the
         cached tokens plus the T new ones.
         """
-        positions = check_input(x, self.hidden_size, positions, cache)
+        positions = check_input(x, self.hidden_size, positions, cache, angles)
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)     # (B, H, T, D)
         k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, T, D)
         if self.rope_theta is not None:
-            cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)            # (T, D/2)
+            cos, sin = angles or self.rope_angles(positions)                             # (T, D/2)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)                                                    # (B, H_kv, S, D)
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given."""
-        q, k, v = self.project(x, positions, cache)
+        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given (see :meth:`project`)."""
+        q, k, v = self.project(x, positions, cache, angles=angles)
         out = scaled_dot_product_attention(q, k, v, is_causal=True, fused=self.fused)    # (B, H, T, D)
         B, T = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

@@ -41,7 +41,7 @@ import math
 import torch
 from torch import nn
 
-from .attention import Attention, causal_mask, resolve_positions, scaled_dot_product_attention
+from .attention import Attention, causal_mask, check_input, scaled_dot_product_attention
 from .cache import Cache
 from .rope import apply_rope, rope_angles
 
@@ -197,42 +197,52 @@ class LatentKVAttention(nn.Module):
         w = self.kv_a_proj.weight
         return LatentKVCache(batch_size, self.kv_lora_rank, max_len, dtype=dtype or w.dtype, device=device or w.device)
 
+    def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's (cos, sin) for these positions, each (T, D/2)."""
+        return rope_angles(positions, self.head_dim, self.rope_theta)
+
     def project(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentKVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q (B, H, T, D) and k, v (B, H_kv, S, D), rebuilt from every cached latent."""
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
+        """q (B, H, T, D) and k, v (B, H_kv, S, D), rebuilt from every cached latent.
+
+        ``angles``: :meth:`rope_angles` of the new tokens' positions, if the
+        caller has them (as :meth:`kqv.Attention.project`).
+        """
+        positions = check_input(x, self.hidden_size, positions, cache, angles)
         B, T, _ = x.shape
         H, H_kv, D = self.num_heads, self.num_kv_heads, self.head_dim
-        start = None
-        if cache is not None:
-            if cache.batch_size != B:
-                raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
-            start = cache.length
-        positions = resolve_positions(positions, B, T, start, x.device)
+        cos_q, sin_q = angles or self.rope_angles(positions)                     # (T, D/2)
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)                      # (B, H, T, D)
         c = self.kv_a_proj(x)                                                    # (B, T, d_c)
         if cache is not None:
             c = cache.update(c)                                                  # (B, S, d_c)
-            key_positions = torch.arange(c.shape[1], device=x.device)            # 0 .. S-1
+            cos_k, sin_k = self.rope_angles(torch.arange(c.shape[1], device=x.device))  # keys 0 .. S-1
         else:
-            key_positions = positions
+            cos_k, sin_k = cos_q, sin_q                                          # the keys are the new tokens
         S = c.shape[1]
         # The expensive part: every cached token's key and value, rebuilt.
         kv = self.kv_b_proj(c).view(B, S, 2 * H_kv, D).transpose(1, 2)           # (B, 2 H_kv, S, D)
         k, v = kv.split([H_kv, H_kv], dim=1)                                     # (B, H_kv, S, D) each
-        cos_q, sin_q = rope_angles(positions, D, self.rope_theta)
-        cos_k, sin_k = rope_angles(key_positions, D, self.rope_theta)
         q = apply_rope(q, cos_q, sin_q)
         k = apply_rope(k, cos_k, sin_k)                                          # ... and rotated again
         return q, k, v
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentKVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given."""
-        q, k, v = self.project(x, positions, cache)
+        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given (see :meth:`project`)."""
+        q, k, v = self.project(x, positions, cache, angles=angles)
         out = scaled_dot_product_attention(q, k, v, is_causal=True, fused=self.fused)  # (B, H, T, D)
         B, T = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
@@ -346,32 +356,34 @@ class DecoupledRopeLatentAttention(nn.Module):
         w_k, w_v = self.kv_b_proj.weight.split([H_kv * self.nope_dim, H_kv * self.head_dim])
         return w_k.view(H_kv, self.nope_dim, d_c), w_v.view(H_kv, self.head_dim, d_c)
 
-    def _angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kept pairs' angles: the first d_r/2 frequencies of the full D-wide RoPE."""
+    def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept pairs' angles: the first d_r/2 frequencies of the full D-wide RoPE, each (T, d_r/2)."""
         cos, sin = rope_angles(positions, self.head_dim, self.rope_theta)         # (..., D/2)
         half = self.rope_dim // 2
         return cos[..., :half], sin[..., :half]                                   # (..., d_r/2)
 
     def project(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentKVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q_rope (B, H, T, d_r), q_nope (B, H, T, D_nope), k_rope (B, H_kv, S, d_r) and the latents (B, S, d_c)."""
-        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x must have shape (B, T, {self.hidden_size}), got {tuple(x.shape)}")
+        """q_rope (B, H, T, d_r), q_nope (B, H, T, D_nope), k_rope (B, H_kv, S, d_r) and the latents (B, S, d_c).
+
+        ``angles``: :meth:`rope_angles` of the new tokens' positions, if the
+        caller has them (as :meth:`kqv.Attention.project`).
+        """
+        positions = check_input(x, self.hidden_size, positions, cache, angles)
         B, T, _ = x.shape
         H, H_kv, D, d_r = self.num_heads, self.num_kv_heads, self.head_dim, self.rope_dim
-        start = None
-        if cache is not None:
-            if cache.batch_size != B:
-                raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
-            start = cache.length
-        positions = resolve_positions(positions, B, T, start, x.device)
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)                       # (B, H, T, D)
         q_rope, q_nope = q.split([d_r, self.nope_dim], dim=-1)
         c = self.kv_a_proj(x)                                                     # (B, T, d_c)
         if d_r:
             k_rope = self.k_rope_proj(x).view(B, T, H_kv, d_r).transpose(1, 2)    # (B, H_kv, T, d_r)
-            cos, sin = self._angles(positions)
+            cos, sin = angles or self.rope_angles(positions)                      # (T, d_r/2)
             q_rope, k_rope = apply_rope(q_rope, cos, sin), apply_rope(k_rope, cos, sin)
             if cache is not None:
                 c, k_rope = cache.update(c, k_rope)                               # (B, S, d_c), (B, H_kv, S, d_r)
@@ -413,10 +425,15 @@ class DecoupledRopeLatentAttention(nn.Module):
         return out.flatten(1, 2), weights.flatten(1, 2)                           # (B, H, T, D), (B, H, T, S)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentKVCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentKVCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given."""
-        parts = self.project(x, positions, cache)
+        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given (see :meth:`project`)."""
+        parts = self.project(x, positions, cache, angles=angles)
         out, _ = self._absorbed(*parts) if self.absorb else self._naive(*parts)  # (B, H, T, D)
         B, T = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))

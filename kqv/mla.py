@@ -148,16 +148,28 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         return w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim :]
 
+    def rope_angles(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE's (cos, sin) for these positions over the d_r rotated coordinates, each (T, d_r/2)."""
+        return rope_angles(positions, self.qk_rope_head_dim, self.rope_theta)
+
     def project(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries for the new tokens and the latent rows of every token (cached ones too).
+
+        ``angles``: :meth:`rope_angles` of the new tokens' positions, if the
+        caller has them (as :meth:`kqv.Attention.project`).
 
         Returns q_nope (B, H, T, D_nope), q_rope (B, H, T, d_r) and the latent
         rows [c_kv ; k_rope] (B, S, d_c + d_r), where S counts the cached tokens
         plus the T new ones.
         """
-        positions = check_input(x, self.hidden_size, positions, cache)
+        positions = check_input(x, self.hidden_size, positions, cache, angles)
         B, T, _ = x.shape
         H, d_c, d_r, D_nope = self.num_heads, self.kv_lora_rank, self.qk_rope_head_dim, self.qk_nope_head_dim
 
@@ -172,7 +184,7 @@ class MultiHeadLatentAttention(nn.Module):
         # What is cached: the normalized latent and one RoPE key per token.
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([d_c, d_r], dim=-1)  # (B, T, d_c), (B, T, d_r)
         c_kv = self.kv_a_layernorm(c_kv)
-        cos, sin = rope_angles(positions, d_r, self.rope_theta)             # (T, d_r/2)
+        cos, sin = angles or self.rope_angles(positions)                    # (T, d_r/2)
         q_rope = apply_rope(q_rope, cos, sin, interleaved=True)             # (B, H, T, d_r)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)  # (B, T, d_r)
         if cache is not None:
@@ -182,10 +194,15 @@ class MultiHeadLatentAttention(nn.Module):
         return q_nope, q_rope, latent
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LatentCache | None = None
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache: LatentCache | None = None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given."""
-        q_nope, q_rope, latent = self.project(x, positions, cache)
+        """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given (see :meth:`project`)."""
+        q_nope, q_rope, latent = self.project(x, positions, cache, angles=angles)
         if self.absorb:
             out = self._attend_absorbed(q_nope, q_rope, latent)
         else:

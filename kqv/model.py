@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import Attention
+from .attention import Attention, resolve_positions
 from .cache import ModelCache
 from .configs import ModelConfig
 from .mla import MultiHeadLatentAttention
@@ -73,9 +73,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.mlp = MLP(config.hidden_size, config.intermediate_size)
 
-    def forward(self, h: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
-        h = h + self.self_attn(self.input_layernorm(h), positions, cache)    # (B, T, hidden)
-        return h + self.mlp(self.post_attention_layernorm(h))                # (B, T, hidden)
+    def forward(
+        self,
+        h: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        *,
+        angles: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        h = h + self.self_attn(self.input_layernorm(h), positions, cache, angles=angles)  # (B, T, hidden)
+        return h + self.mlp(self.post_attention_layernorm(h))                             # (B, T, hidden)
 
 
 class Decoder(nn.Module):
@@ -123,12 +130,17 @@ class Decoder(nn.Module):
             raise ValueError(f"input_ids must be integer token ids of shape (B, T), got {tuple(input_ids.shape)} {input_ids.dtype}")
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"the cache has {len(cache)} layers, the model {len(self.layers)}")
+        B, T = input_ids.shape
+        # Every layer rotates by the same angles: resolve the positions (checked
+        # against the cache) and compute RoPE's cosines and sines once, not per layer.
+        positions = resolve_positions(positions, B, T, None if cache is None else cache.length, input_ids.device)
+        angles = self.layers[0].self_attn.rope_angles(positions)             # (T, d/2) each, or None
         h = self.embed_tokens(input_ids)                                     # (B, T, hidden)
         for i, layer in enumerate(self.layers):
-            h = layer(h, positions, None if cache is None else cache[i])
+            h = layer(h, positions, None if cache is None else cache[i], angles=angles)
         return self.lm_head(self.norm(h))                                    # (B, T, vocab)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -144,6 +156,10 @@ class Decoder(nn.Module):
         given), then one token per step. Without it: the whole sequence is run
         again for every new token, which gives the same tokens, slower.
         Stops early once every sequence has produced ``eos_token_id``.
+
+        Runs in ``torch.inference_mode`` (no autograd bookkeeping at all, a
+        little faster than ``no_grad``): the tokens it returns are inference
+        tensors, to be read, not changed in place or trained on.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be non-negative, got {max_new_tokens}")

@@ -64,7 +64,8 @@ def apply_rope(
         )
     if cos.dim() == 3:  # (B, T, D/2): one set of angles per sequence, shared by the heads
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)                      # (B, 1, T, D/2)
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     if interleaved:
         pairs = x.unflatten(-1, (-1, 2))                                   # (B, H, T, D/2, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]

@@ -90,3 +90,65 @@ def test_errors():
         model(torch.randint(0, 97, (1, 4)), cache=cache)
     with pytest.raises(ValueError, match="batch size 1, x has 2"):
         model(torch.randint(0, 97, (2, 1)), cache=cache)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_layers_given_the_decoders_angles_compute_the_same(device, name):
+    """A layer handed RoPE angles (as the Decoder hands them) equals the layer computing its own."""
+    model = build(name, device)
+    attn = model.layers[0].self_attn
+    x = torch.randn(2, 5, BASE.hidden_size, device=device)
+    positions = torch.arange(3, 8, device=device)
+    with torch.no_grad():
+        own = attn(x, positions)
+        given = attn(x, None, angles=attn.rope_angles(positions))
+    assert torch.equal(own, given)
+
+
+def test_decoder_computes_rope_angles_once_per_forward(monkeypatch):
+    model = build("GQA", "cpu")
+    calls = []
+    for i, layer in enumerate(model.layers):
+        original = layer.self_attn.rope_angles
+        monkeypatch.setattr(
+            layer.self_attn, "rope_angles", lambda p, i=i, f=original: calls.append(i) or f(p)
+        )
+    ids = torch.randint(0, 97, (1, 4))
+    with torch.no_grad():
+        cache = model.new_cache(1, 6)
+        model(ids, cache=cache)
+        model(ids[:, :1], cache=cache)
+    assert calls == [0, 0]  # one per forward, by the first layer, for all layers
+
+
+def test_angles_must_cover_the_new_tokens():
+    model = build("GQA", "cpu")
+    attn = model.layers[0].self_attn
+    angles = attn.rope_angles(torch.arange(2))
+    with pytest.raises(ValueError, match="the RoPE angles cover 2 tokens, x has T=3"):
+        attn(torch.randn(1, 3, BASE.hidden_size), angles=angles)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_is_llamas(dtype):
+    """float32 takes PyTorch's one-call rms_norm; half precision normalizes in float32, then scales."""
+    from kqv.norm import RMSNorm
+
+    torch.manual_seed(0)
+    norm = RMSNorm(64, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    x = torch.randn(2, 3, 64, dtype=dtype)
+    x32 = x.double()
+    normalized = (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-5)).to(dtype)
+    expected = norm.weight.double() * normalized.double()      # Llama: weight * x.to(input dtype)
+    got = norm(x)
+    assert got.dtype == dtype
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(got.double(), expected, atol=tol, rtol=tol)
+
+
+def test_generate_returns_inference_tensors():
+    model = build("GQA", "cpu")
+    tokens = model.generate(torch.randint(0, 97, (1, 4)), 2)
+    assert tokens.is_inference() and tokens.shape == (1, 6)
