@@ -69,6 +69,12 @@ def test_meta_and_machine(quick_run):
     for key in ("copy_bytes_per_second", "matmul_flops_per_second", "ridge_flops_per_byte"):
         assert positive(machine[key]), key
     assert close(machine["ridge_flops_per_byte"], machine["matmul_flops_per_second"] / machine["copy_bytes_per_second"])
+    # The roof is the higher of the rates measured before and after the decode steps,
+    # each the fastest of its repeats (so never below their median).
+    for key in ("copy_bytes_per_second", "matmul_flops_per_second"):
+        assert machine[key] == max(machine["before"][key], machine["after"][key]), key
+        for when in ("before", "after"):
+            assert machine[when][key] >= machine[when][f"{key}_median"], (when, key)
 
 
 def test_roofline_rows_follow_from_their_timings(quick_run):
