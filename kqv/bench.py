@@ -188,6 +188,21 @@ def _median(xs: Sequence[float]) -> float:
     return float(statistics.median(xs))
 
 
+def _race(
+    fns: dict[str, Callable[[], torch.Tensor]], *, device: torch.device, repeats: int, warmup: int, flush: bool
+) -> tuple[float, dict[str, list[float]], list[float]]:
+    """Two computations of the same thing: how far apart their outputs are, then their times in turns.
+
+    Returns the relative difference of the outputs (first against second, see
+    :func:`_relative_diff`), every timed repeat of each, and their medians in
+    the order of ``fns``. ``flush``: evict the last-level cache before each call.
+    """
+    first, second = (fn() for fn in fns.values())
+    diff = _relative_diff(first, second)
+    times = measure(fns, device=device, repeats=repeats, warmup=warmup, flush=CacheFlusher(device) if flush else None)
+    return diff, times, [_median(t) for t in times.values()]
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's or the CPU's model name."""
     if device.type == "cuda":
@@ -460,12 +475,9 @@ def gqa_fused_vs_repeat(
         # One query needs no mask (and must not get PyTorch's top-left is_causal).
         return F.scaled_dot_product_attention(q, repeat_kv(k, q_per_kv), repeat_kv(v, q_per_kv))
 
-    diff = _relative_diff(kqv_step(), repeat_step())
-    flusher = CacheFlusher(device) if flush else None
-    times = measure(
-        {"kqv": kqv_step, "repeat": repeat_step}, device=device, repeats=repeats, warmup=warmup, flush=flusher
+    diff, times, (kqv_s, rep_s) = _race(
+        {"kqv": kqv_step, "repeat": repeat_step}, device=device, repeats=repeats, warmup=warmup, flush=flush
     )
-    kqv_s, rep_s = _median(times["kqv"]), _median(times["repeat"])
     return {
         "context": S,
         "num_heads": H,
@@ -530,10 +542,9 @@ def mla_absorbed_vs_naive(
         return run_step
 
     absorbed, naive = step(True), step(False)
-    diff = _relative_diff(absorbed(), naive())
-    flusher = CacheFlusher(device) if flush else None
-    times = measure({"absorbed": absorbed, "naive": naive}, device=device, repeats=repeats, warmup=warmup, flush=flusher)
-    a_s, n_s = _median(times["absorbed"]), _median(times["naive"])
+    diff, times, (a_s, n_s) = _race(
+        {"absorbed": absorbed, "naive": naive}, device=device, repeats=repeats, warmup=warmup, flush=flush
+    )
     return {
         "config": cfg.name,
         "context": S,
