@@ -27,12 +27,18 @@ comparable with every other:
    Face transformers' own Llama, same weights, tokens, device, dtype, threads.
 
 Every timing warms up first, repeats, and reports the median (CUDA events on a
-GPU). Fresh random data is made for each measurement, and before each timed
-repeat the last-level cache is flushed by reading a buffer twice its size: in
-a real model, a layer's cache was last touched a whole step ago, after every
-other layer's cache and weights, so it comes from memory, not from the CPU's
-cache (a server CPU's L3 may hold hundreds of megabytes: an MQA cache of 32K
-tokens several times over).
+GPU), on fresh random data. Each must also read its data from memory, not from
+the processor's cache, as a real model does: a layer's cache was last touched
+a whole step ago, after every other layer's cache and weights (a server CPU's
+L3 may hold hundreds of megabytes: an MQA cache of 32K tokens several times
+over). The decode steps therefore take each call's cache, and MLA's
+up-projections, from a :class:`ColdRing`: the next slice of a random buffer
+more than twice the size of the last-level cache, as the layers of a model
+would follow one another. Evicting the cache by reading another buffer before
+each call (:class:`CacheFlusher`, which the two comparisons use) would also
+evict the code, the page tables and the framework's own data that every layer
+of a real model keeps warm: on a CPU that adds a fixed fraction of a
+millisecond to every step.
 
 Functions return plain data (lists of dicts, floats) so that a notebook can
 call them at small sizes: chapter 8 draws its decode-time plots with
@@ -45,7 +51,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -66,6 +74,8 @@ __all__ = [
     "VARIANTS",
     "GOALS",
     "measure",
+    "CacheFlusher",
+    "ColdRing",
     "machine_rates",
     "peak_rates",
     "decode_step_times",
@@ -134,6 +144,38 @@ class CacheFlusher:
 
     def __call__(self) -> None:
         self.buffer.sum()
+
+
+class ColdRing:
+    """Random numbers to read cold: each :meth:`take` returns the slice after the previous one.
+
+    The ring holds more than twice the last-level cache plus the largest take,
+    so between two reads of the same numbers at least twice the last-level
+    cache has been taken: they come from memory, as a layer's cache does in a
+    model whose other layers ran in between. The code that reads them stays
+    warm, as it does in a model whose every layer runs the same code.
+
+    Args:
+        largest: the most numbers one :meth:`take` will ask for.
+    """
+
+    def __init__(self, largest: int, device: torch.device, dtype: torch.dtype) -> None:
+        e = torch.empty((), dtype=dtype).element_size()
+        self.numbers = torch.randn(2 * last_level_cache_bytes(device) // e + largest, device=device, dtype=dtype)
+        self.largest, self.start = largest, 0
+
+    def take(self, *shapes: tuple[int, ...]) -> list[torch.Tensor]:
+        """Views of the ring's next numbers, one tensor of each shape."""
+        sizes = [math.prod(shape) for shape in shapes]
+        if sum(sizes) > self.largest:
+            raise ValueError(f"asked for {sum(sizes)} numbers, more than the ring's largest take, {self.largest}")
+        if self.start + sum(sizes) > self.numbers.numel():
+            self.start = 0
+        views = []
+        for shape, size in zip(shapes, sizes):
+            views.append(self.numbers[self.start : self.start + size].view(shape))
+            self.start += size
+        return views
 
 
 def measure(
@@ -297,17 +339,36 @@ def peak_rates(*measured: dict[str, float]) -> dict[str, float]:
 # --- 2. One decode step of each variant ---------------------------------------------
 
 
-def _decode_case(config: configs.ModelConfig, S: int, B: int, device, dtype, layers: dict):
+def _cold_shapes(config: configs.ModelConfig, S: int, B: int) -> list[tuple[int, ...]]:
+    """What one decode step reads from memory: K and V; or MLA's latent rows and up-projections."""
+    if config.is_mla:
+        d_c, d_r = config.kv_lora_rank, config.qk_rope_head_dim
+        up = config.num_heads * (config.qk_nope_head_dim + config.v_head_dim)
+        return [(B, S, d_c + d_r), (up, d_c)]                                  # latent; kv_b_proj's weight
+    kv = (B, config.num_kv_heads, S, config.head_dim)
+    return [kv, kv]
+
+
+def _decode_case(
+    config: configs.ModelConfig, S: int, B: int, device, dtype, layers: dict, ring: ColdRing | None, calls: int
+):
     """A decode step's attention over a full cache of S tokens: (function, cache bytes, bytes, flops).
 
     The function is what kqv runs for one new token in one layer:
     ``scaled_dot_product_attention(..., is_causal=True, fused=True)`` for
     MHA/GQA/MQA (as :class:`kqv.Attention` calls it) and the absorbed
     attention of :class:`kqv.MultiHeadLatentAttention` for MLA (one layer per
-    config, kept in ``layers`` from one context to the next).
+    config, kept in ``layers`` from one context to the next). Each of its
+    first ``calls`` calls reads its own cache (and MLA's up-projections) from
+    ``ring``; without a ring, every call reads the same ones.
     """
     e = torch.empty((), dtype=dtype).element_size()
     H, T = config.num_heads, 1
+    shapes = _cold_shapes(config, S, B)
+    if ring is not None:
+        turns = [ring.take(*shapes) for _ in range(calls)]
+    else:
+        turns = [[torch.randn(shape, device=device, dtype=dtype) for shape in shapes]]
     if config.is_mla:
         if config.name not in layers:
             layers[config.name] = make_attention(config, absorb=True).to(device=device, dtype=dtype)
@@ -316,13 +377,15 @@ def _decode_case(config: configs.ModelConfig, S: int, B: int, device, dtype, lay
         D_nope, D_v = config.qk_nope_head_dim, config.v_head_dim
         q_nope = torch.randn(B, H, T, D_nope, device=device, dtype=dtype)
         q_rope = torch.randn(B, H, T, d_r, device=device, dtype=dtype)
-        latent = torch.randn(B, S, d_c + d_r, device=device, dtype=dtype)        # the latent cache
-        cache_bytes = B * S * (d_c + d_r) * e
+        cache_bytes = B * S * (d_c + d_r) * e                                   # the latent cache
         weights = H * (D_nope + D_v) * d_c * e                                  # W_UK and W_UV
         io = B * H * T * (D_nope + d_r + D_v) * e                               # queries in, outputs out
         flops = 2 * B * H * T * (D_nope * d_c + S * (d_c + d_r) + S * d_c + d_c * D_v)
+        layer_turns = itertools.cycle([(latent, torch.nn.Parameter(w, requires_grad=False)) for latent, w in turns])
 
         def step():
+            latent, up = next(layer_turns)
+            layer.kv_b_proj.weight = up  # this call's layer: its own W_UK and W_UV
             with torch.no_grad():
                 return layer._attend_absorbed(q_nope, q_rope, latent)
 
@@ -330,13 +393,13 @@ def _decode_case(config: configs.ModelConfig, S: int, B: int, device, dtype, lay
 
     H_kv, D = config.num_kv_heads, config.head_dim
     q = torch.randn(B, H, T, D, device=device, dtype=dtype)
-    k = torch.randn(B, H_kv, S, D, device=device, dtype=dtype)
-    v = torch.randn(B, H_kv, S, D, device=device, dtype=dtype)
     cache_bytes = 2 * B * H_kv * S * D * e
     io = 2 * B * H * T * D * e
     flops = 4 * B * H * T * S * D                                               # q k^T and w v
+    kv_turns = itertools.cycle(turns)
 
     def step():
+        k, v = next(kv_turns)
         return scaled_dot_product_attention(q, k, v, is_causal=True, fused=True)
 
     return step, cache_bytes, cache_bytes + io, flops
@@ -352,7 +415,7 @@ def decode_step_times(
     dtype: torch.dtype | str | None = None,
     repeats: int = 5,
     warmup: int = 2,
-    flush: bool = True,
+    cold: bool = True,
     seed: int | None = 0,
 ) -> list[dict]:
     """Time one decode step's attention for each variant at each context length.
@@ -364,7 +427,10 @@ def decode_step_times(
         batch_size: B.
         device, dtype: default :func:`kqv.default_device`; float32 on a CPU, bfloat16 elsewhere.
         repeats, warmup: timed calls (the median is reported) and untimed ones before them.
-        flush: evict the last-level cache before every timed call (see the module docstring).
+        cold: every call reads its own cache (and MLA's up-projections) from
+            memory, taken from a :class:`ColdRing` (see the module docstring);
+            False: every call reads the same ones, warm in the processor's
+            cache where they fit.
         seed: for the random queries and caches (None: do not reseed).
 
     Returns:
@@ -382,15 +448,22 @@ def decode_step_times(
         raise ValueError(f"unknown variants {unknown}; known are {list(VARIANTS)}")
     if not contexts or min(contexts) < 1:
         raise ValueError(f"contexts must be positive, got {contexts}")
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
     if seed is not None:
         torch.manual_seed(seed)
-    flusher = CacheFlusher(device) if flush else None
+    ring = None
+    if cold:
+        largest = max(sum(map(math.prod, _cold_shapes(VARIANTS[v], S, batch_size))) for v in variants for S in contexts)
+        ring = ColdRing(largest, device, dtype)
     rows, layers = [], {}
     for S in contexts:
         for name in variants:
             config = VARIANTS[name]
-            step, cache_bytes, nbytes, flops = _decode_case(config, S, batch_size, device, dtype, layers)
-            times = measure({name: step}, device=device, repeats=repeats, warmup=warmup, flush=flusher)[name]
+            step, cache_bytes, nbytes, flops = _decode_case(
+                config, S, batch_size, device, dtype, layers, ring, warmup + repeats
+            )
+            times = measure({name: step}, device=device, repeats=repeats, warmup=warmup)[name]
             rows.append(
                 {
                     "variant": name,
@@ -875,7 +948,8 @@ def format_markdown(result: dict) -> str:
     ]
     for key, goal in result["goals"].items():
         value = result.get(key)
-        shown = f"skipped: {result['skipped'].get(key, '')}" if value is None else f"{value:.2f}"
+        why = " ".join(result["skipped"].get(key, "").split()).replace("|", "/")  # one line, no cell breaks
+        shown = f"skipped: {why}" if value is None else f"{value:.2f}"
         lines.append(f"| {names.get(key, key)} | `{key}` | {shown} | ≥ {goal:g} |")
     roof = result["decode_roofline"]
     lines += [

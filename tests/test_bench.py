@@ -120,6 +120,16 @@ def test_gqa_and_mla_ratios_and_agreement(quick_run):
     assert mla["relative_diff"] < tol
 
 
+def test_a_skip_reason_stays_on_its_row_of_the_markdown(quick_run):
+    result = {**quick_run[0], "smollm2_kqv_vs_transformers": None}
+    result["skipped"] = {"smollm2_kqv_vs_transformers": "ModuleNotFoundError: not installed. Install it with:\n    pip | x"}
+    rows = [line for line in bench.format_markdown(result).splitlines() if "smollm2_kqv_vs_transformers" in line]
+    assert rows == [
+        "| SmolLM2-135M tokens/s: kqv vs transformers | `smollm2_kqv_vs_transformers` | skipped: "
+        "ModuleNotFoundError: not installed. Install it with: pip / x | ≥ 1 |"
+    ]
+
+
 def test_smollm2_generates_the_same_tokens_in_both(quick_run):
     result, _ = quick_run
     if result["smollm2_kqv_vs_transformers"] is None:
@@ -133,14 +143,66 @@ def test_smollm2_generates_the_same_tokens_in_both(quick_run):
     assert close(result["smollm2_kqv_vs_transformers"], s["kqv_tokens_per_second"] / s["transformers_tokens_per_second"])
 
 
-def test_decode_step_times_is_notebook_sized():
-    rows = bench.decode_step_times(["MHA", "MQA", "MLA"], [16, 64], repeats=1, warmup=0, flush=False, device="cpu")
+@pytest.mark.parametrize("cold", [False, True])
+def test_decode_step_times_is_notebook_sized(cold):
+    rows = bench.decode_step_times(["MHA", "MQA", "MLA"], [16, 64], repeats=2, warmup=1, cold=cold, device="cpu")
     assert [(r["variant"], r["context"]) for r in rows] == [
         (v, s) for s in (16, 64) for v in ("MHA", "MQA", "MLA")
     ]
     for r in rows:
-        assert positive(r["seconds"]) and len(r["times"]) == 1
+        assert all(positive(t) for t in r["times"]) and len(r["times"]) == 2
+        assert close(r["seconds"], sorted(r["times"])[0] / 2 + sorted(r["times"])[1] / 2)
         assert r["cache_bytes"] == r["cache_bytes_per_token"] * r["context"]
+
+
+def fake_cache(monkeypatch, nbytes):
+    """Make kqv.bench believe that the last-level cache holds ``nbytes``."""
+    monkeypatch.setattr(bench, "last_level_cache_bytes", lambda device: nbytes)
+
+
+def test_cold_ring_reads_twice_the_cache_between_two_reads_of_a_number(monkeypatch):
+    fake_cache(monkeypatch, 4096)  # bytes: 1024 float32 numbers
+    ring = bench.ColdRing(300, torch.device("cpu"), torch.float32)
+    assert ring.numbers.numel() == 2 * 1024 + 300
+    base = ring.numbers.data_ptr()
+    last_read, now = {}, 0  # number index -> when it was last read, counting numbers read
+    for need in [100, 300, 7, 250, 300, 2, 299, 300, 120] * 20:
+        a, b = ring.take((need // 2,), (need - need // 2,))
+        assert a.numel() + b.numel() == need
+        first = (a.data_ptr() - base) // 4
+        assert b.data_ptr() == a.data_ptr() + 4 * a.numel()  # the next numbers, in order
+        assert first + need <= ring.numbers.numel()
+        for i in range(first, first + need):
+            if i in last_read:
+                assert now - last_read[i] - 1 >= 2 * 1024, (i, now - last_read[i] - 1)
+            last_read[i] = now
+            now += 1
+    assert len(last_read) > 2 * 1024  # the ring went round
+    with pytest.raises(ValueError, match="301 numbers, more than the ring's largest take, 300"):
+        ring.take((301,))
+
+
+def test_cold_decode_steps_read_a_new_cache_every_call(monkeypatch):
+    """Each call of a cold step attends to other keys (and, for MLA, other up-projections)."""
+    fake_cache(monkeypatch, 2**26)  # room for three MLA up-projections of 16 MiB
+    seen = {"kv": [], "up": []}
+    real_sdpa = bench.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen["kv"].append((k.data_ptr(), v.data_ptr()))
+        return real_sdpa(q, k, v, **kw)
+
+    monkeypatch.setattr(bench, "scaled_dot_product_attention", spy)
+    ring = bench.ColdRing(5 * 10**6, torch.device("cpu"), torch.float32)  # MLA: 8192 x 512 up-projections
+    step, *_ = bench._decode_case(bench.VARIANTS["MQA"], 8, 1, "cpu", torch.float32, {}, ring, 3)
+    for _ in range(3):
+        step()
+    assert len(set(seen["kv"])) == 3
+    step, *_ = bench._decode_case(bench.VARIANTS["MLA"], 8, 1, "cpu", torch.float32, layers := {}, ring, 3)
+    for _ in range(3):
+        step()
+        seen["up"].append(layers["article/MLA+RoPE"].kv_b_proj.weight.data_ptr())
+    assert len(set(seen["up"])) == 3
 
 
 def test_decode_step_times_rejects_unknown_variants():

