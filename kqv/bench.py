@@ -35,10 +35,12 @@ over). The decode steps therefore take each call's cache, and MLA's
 up-projections, from a :class:`ColdRing`: the next slice of a random buffer
 more than twice the size of the last-level cache, as the layers of a model
 would follow one another. Evicting the cache by reading another buffer before
-each call (:class:`CacheFlusher`, which the two comparisons use) would also
-evict the code, the page tables and the framework's own data that every layer
-of a real model keeps warm: on a CPU that adds a fixed fraction of a
-millisecond to every step.
+each call (:class:`CacheFlusher`) also evicts the code, the page tables and
+the framework's own data that every layer of a real model keeps warm: on a
+CPU that adds a fixed fraction of a millisecond to every call. The two
+comparisons (3 and 4) still flush, simply: their calls take milliseconds to
+hundreds of milliseconds, and the fixed cost falls on both sides alike, which
+if anything lowers their ratios.
 
 Functions return plain data (lists of dicts, floats) so that a notebook can
 call them at small sizes: chapter 8 draws its decode-time plots with
