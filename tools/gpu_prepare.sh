@@ -18,6 +18,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
+[[ -x $PY ]] || { echo "gpu_prepare: no $PY; run make venv first (the weights come from it)" >&2; exit 1; }
 GGUF_VERSION=$(grep -iE '^gguf==' requirements.txt | cut -d= -f3)
 gguf_file=$("$PY" -c 'from kqv import smollm2; print(smollm2.gguf_path())')
 
