@@ -1,20 +1,14 @@
-"""Sphinx extension: the built site serves MathJax and the widget manager itself.
+"""Sphinx extension: the built site serves MathJax itself.
 
-Jupyter Book's pages load MathJax, require.js and the ipywidgets HTML manager
-from CDNs by default. This book's pages load nothing from a third party: the
-npm packages pinned in tools/vendor/package.json (installed by `make vendor`,
-part of `make book`) are copied into ``_static/vendor/`` of the built site.
-_config.yml points Sphinx at them:
-
-- ``mathjax_path: vendor/mathjax/tex-chtml.js`` (MathJax 3; its whole ``es5/``
-  folder is copied, because extensions and fonts load on demand);
-- ``nb_ipywidgets_js: {vendor/widgets/embed.js: {}}`` (the standalone embed
-  bundle of ``@jupyter-widgets/html-manager``, which finds its fonts next to
-  itself and needs no require.js).
-
-The embed bundle typesets widget labels with MathJax 2's ``MathJax.Hub.Queue``,
-which MathJax 3 lacks; the copy served here calls MathJax 3's
-``typesetPromise`` instead (a two-place patch, checked when it is applied).
+Jupyter Book's pages load MathJax (and, for stored widgets, require.js and the
+ipywidgets HTML manager) from CDNs by default. This book's pages load nothing
+from a third party: the npm package pinned in tools/vendor/package.json
+(installed by `make vendor`, part of `make book`) is copied into
+``_static/vendor/`` of the built site, and _config.yml points Sphinx at it with
+``mathjax_path: vendor/mathjax/tex-chtml.js`` (MathJax 3; its whole ``es5/``
+folder is copied, because extensions and fonts load on demand). The site shows
+no stored ipywidgets: each explorer also carries a version drawn in advance
+that works with no kernel (kqv.explore), and the site renders that one.
 
 The files are copied when the build finishes, not through ``html_static_path``:
 Jupyter Book adds every ``.js`` found in a static folder to every page.
@@ -38,9 +32,7 @@ from sphinx.errors import ExtensionError
 NODE_MODULES = Path(__file__).resolve().parent / "vendor" / "node_modules"
 ASSETS = {
     "mathjax": NODE_MODULES / "mathjax" / "es5",
-    "widgets": NODE_MODULES / "@jupyter-widgets" / "html-manager" / "dist",
 }
-MATHJAX2_TYPESET = re.compile(r'MathJax\.Hub\.Queue\(\["Typeset",MathJax\.Hub,(\w+)\]\)')
 
 
 def _check_installed(app: Sphinx) -> None:
@@ -52,19 +44,6 @@ def _check_installed(app: Sphinx) -> None:
             )
 
 
-def _patch_embed(path: Path) -> None:
-    text = path.read_text(encoding="utf-8")
-    patched, count = MATHJAX2_TYPESET.subn(
-        r"(MathJax.typesetPromise&&MathJax.typesetPromise([\1]))", text
-    )
-    if count == 0 or "MathJax.Hub" in patched:
-        raise ExtensionError(
-            f"{path.name}: expected MathJax 2 typeset calls to replace, found {count}; "
-            "did the @jupyter-widgets/html-manager version change?"
-        )
-    path.write_text(patched, encoding="utf-8")
-
-
 def _copy(app: Sphinx, exception: Exception | None) -> None:
     if exception is not None or app.builder.format != "html":
         return
@@ -73,9 +52,7 @@ def _copy(app: Sphinx, exception: Exception | None) -> None:
         destination = target / name
         if destination.exists():
             shutil.rmtree(destination)
-        ignore = shutil.ignore_patterns("*.map", "*-amd.js", "libembed*")
-        shutil.copytree(folder, destination, ignore=ignore)
-    _patch_embed(target / "widgets" / "embed.js")
+        shutil.copytree(folder, destination, ignore=shutil.ignore_patterns("*.map"))
 
 
 def _drop_thebe(app: Sphinx, pagename: str, templatename: str, context: dict, doctree) -> None:
