@@ -1,4 +1,4 @@
-"""Figures for the book: one palette, one look, and the helpers every chapter reuses.
+"""Figures for the book: one palette, one look per design, and the helpers every chapter reuses.
 
 Chapters import this module instead of pasting plotting code between notebooks::
 
@@ -7,16 +7,32 @@ Chapters import this module instead of pasting plotting code between notebooks::
 
     fig, ax = plt.subplots()
     plots.bars(ax, ["Crust", "Mantle", "Core"], [2.0, 2.0, 3.0], highlight=2)
-    plots.glue_figure("fig-scores", fig)       # shown in the prose by {glue:figure}, with alt text
-    plots.glue_number("best_score", 3.0)       # shown in the prose by {glue:text}
+    plots.glue_figure("fig-scores", fig)       # the figure, placed in the prose by {glue:figure}
+    plots.glue_number("best_score", 3.0)       # a number, placed in the prose by {glue:text}
 
-Interactive figures come in two kinds, placed side by side in a chapter:
+    ax.plot(x, y, **plots.look("MQA"))         # every design has one colour and one marker
+
+Figures are SVG: sharp on any screen, with real text. Their text is never smaller
+than :data:`MIN_FONT_PT` (the size of the site's small print) and figures are
+drawn for the page's column (:data:`COLUMN_IN` wide at most). Each figure is also
+re-laid out for a phone's column (:func:`renditions`), and the site shows the one
+that fits, so the text never has to shrink. On the site figures follow the light
+or dark mode: pure black (:data:`INK`) becomes the text colour and the white paper
+becomes transparent; use :data:`DARK` for text that must stay dark (on a light
+cell of a heatmap, say).
+
+When the book is built (``KQV_BOOK_BUILD=1``, set by ``make notebooks`` and
+``make test``) figures and numbers are stored for the prose with myst-nb's glue
+and the cell shows nothing; anywhere else (Colab, JupyterLab) the cell simply
+shows its figure, and re-running it redraws it.
+
+Interactive figures come in two kinds:
 
 - :func:`explorer` builds an ipywidgets panel that recomputes with ``kqv`` and
-  redraws when a control moves (it needs a running kernel to respond, and its
-  first drawing is stored in the notebook so the built page shows it);
-- :func:`jshtml_slider` builds a kernel-free slider (matplotlib's ``to_jshtml``):
-  every frame is drawn in advance and stored in the page.
+  redraws when a control moves (it needs a running kernel), together with the
+  same panel drawn in advance for every combination of its controls, which works
+  in the page with no kernel (:func:`kqv.explore.frames`);
+- :mod:`kqv.explore` has components that compute in the browser itself.
 
 Colours come from the Okabe-Ito palette, which stays distinguishable under the
 common forms of colour blindness; matrices use the ``cividis`` colour map, which
@@ -28,16 +44,15 @@ notebook's outputs, so regenerating a chapter rewrites the same bytes.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import html
 import io
+import os
 import re
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 if TYPE_CHECKING:  # imported lazily at run time: kqv itself needs neither
     import ipywidgets
-    from IPython.display import HTML
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
@@ -45,13 +60,23 @@ __all__ = [
     "OKABE_ITO",
     "COLORS",
     "SEQUENTIAL",
+    "INK",
+    "DARK",
+    "DESIGNS",
+    "look",
+    "MIN_FONT_PT",
+    "COLUMN_IN",
+    "NARROW_IN",
     "use_style",
     "bars",
     "heatmap",
-    "to_png",
+    "to_svg",
+    "Rendition",
+    "renditions",
+    "check_text_sizes",
+    "building_book",
     "glue_figure",
     "glue_number",
-    "jshtml_slider",
     "explorer",
 ]
 
@@ -78,30 +103,79 @@ COLORS: list[str] = [
 #: and colour-blind safe.
 SEQUENTIAL = "cividis"
 
+#: Text, axes and ticks. On the site it becomes the page's text colour (light in dark mode).
+INK = "#000000"
+#: A black that stays black in dark mode (text on a light matrix cell).
+DARK = "#1a1a1a"
+
+#: One look per design, the same in every chapter: the reader learns the legend once.
+#: "latent" is a GQA model converted to low-rank latent keys and values without
+#: MLA's decoupled RoPE (chapter 7); converted models with decoupled RoPE are MLA.
+DESIGNS: dict[str, dict[str, str]] = {
+    "MHA": {"color": OKABE_ITO["blue"], "marker": "o", "label": "MHA"},
+    "GQA": {"color": OKABE_ITO["bluish green"], "marker": "s", "label": "GQA"},
+    "MQA": {"color": OKABE_ITO["vermillion"], "marker": "^", "label": "MQA"},
+    "MLA": {"color": OKABE_ITO["reddish purple"], "marker": "D", "label": "MLA"},
+    "latent": {"color": OKABE_ITO["orange"], "marker": "v", "label": "latent K/V"},
+}
+
+#: The smallest text a figure may show, in points: 10.8 pt is 14.4 CSS pixels, the
+#: size of the site's small print (``<small>``, 0.9 rem).
+MIN_FONT_PT = 10.8
+#: The widest a figure is drawn, in inches (96 CSS pixels each): the site's column is 768 px.
+COLUMN_IN = 7.6
+#: The width a figure is re-laid out to for a phone's column (about 340 px).
+NARROW_IN = 3.5
+
 _BASE = OKABE_ITO["blue"]
 _HIGHLIGHT = OKABE_ITO["orange"]
+BUILD_ENV = "KQV_BOOK_BUILD"
+
+
+def look(design: str, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments for ``ax.plot`` / ``ax.scatter`` that draw ``design`` in its colour and marker.
+
+    ``design`` is one of :data:`DESIGNS` ("MHA", "GQA", "MQA", "MLA", "latent");
+    ``overrides`` replace or add keywords (``label=...``, ``linestyle=...``).
+    """
+    if design not in DESIGNS:
+        raise ValueError(f"unknown design {design!r}; known: {sorted(DESIGNS)}")
+    return {**DESIGNS[design], **overrides}
 
 
 def use_style() -> None:
-    """Set the book's matplotlib look: palette, colour map, sizes, no chart junk."""
+    """Set the book's matplotlib look: palette, colour map, sizes, SVG, no chart junk."""
     import matplotlib as mpl
     from cycler import cycler
 
+    size = 11.0
     mpl.rcParams.update(
         {
             "axes.prop_cycle": cycler(color=COLORS),
             "image.cmap": SEQUENTIAL,
             "figure.figsize": (6.4, 3.4),
             "figure.dpi": 100,
-            "savefig.dpi": 100,
-            "font.size": 10,
-            "axes.titlesize": 11,
-            "axes.labelsize": 10,
+            "savefig.dpi": 200,  # the raster parts of an SVG (a heatmap's image), sharp at 2x
+            "font.size": size,
+            "axes.titlesize": size,
+            "axes.labelsize": size,
+            "xtick.labelsize": size,
+            "ytick.labelsize": size,
+            "legend.fontsize": size,
+            "legend.title_fontsize": size,
+            "figure.titlesize": size,
+            "text.color": INK,
+            "axes.labelcolor": INK,
+            "axes.edgecolor": INK,
+            "xtick.color": INK,
+            "ytick.color": INK,
             "axes.spines.top": False,
             "axes.spines.right": False,
             "axes.grid": False,
             "legend.frameon": False,
             "figure.constrained_layout.use": True,
+            "svg.fonttype": "none",  # real text: selectable, measurable, sharp
+            "svg.hashsalt": "kqv",  # ids from content, not random: the same bytes every run
         }
     )
 
@@ -139,6 +213,8 @@ def bars(
     marked = set() if highlight is None else {highlight} if isinstance(highlight, int) else set(highlight)
     colors = [_HIGHLIGHT if i in marked else _BASE for i in range(len(values))]
     container = ax.bar(range(len(values)), values, color=colors)
+    if annotate:
+        ax.margins(y=0.15)  # room for the numbers over the bars, below the title
     ax.set_xticks(range(len(values)), labels)
     if ylim is not None:
         ax.set_ylim(*ylim)
@@ -151,7 +227,6 @@ def bars(
                 textcoords="offset points",
                 ha="center",
                 va="bottom",
-                fontsize=9,
                 fontweight="bold" if i in marked else "normal",
             )
     if ylabel:
@@ -179,8 +254,9 @@ def heatmap(
 ) -> Any:
     """A matrix as coloured cells (attention weights: rows are queries, columns keys).
 
-    Each annotation is written in black or white, whichever contrasts more with
-    its cell. ``matrix`` may be a tensor (moved to the CPU), an array or nested lists.
+    Each annotation is written in black (:data:`DARK`, which stays black in dark
+    mode) or white, whichever contrasts more with its cell; at the book's text
+    size a cell must be about 0.45 in wide to hold "0.00". ``matrix`` may be a tensor (moved to the CPU), an array or nested lists.
 
     Returns:
         The ``AxesImage``.
@@ -201,8 +277,8 @@ def heatmap(
         for (r, c), v in np.ndenumerate(m):
             red, green, blue, _ = image.cmap(image.norm(v))
             luminance = 0.2126 * red + 0.7152 * green + 0.0722 * blue
-            ax.text(c, r, fmt.format(v), ha="center", va="center", fontsize=8,
-                    color="black" if luminance > 0.5 else "white")
+            ax.text(c, r, fmt.format(v), ha="center", va="center",
+                    color=DARK if luminance > 0.5 else "#ffffff")
     if colorbar:
         ax.figure.colorbar(image, ax=ax, shrink=0.8)
     if title:
@@ -214,17 +290,142 @@ def heatmap(
     return image
 
 
-def to_png(fig: Figure) -> bytes:
-    """The figure as PNG bytes, cropped to its contents, without a timestamp."""
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", bbox_inches="tight", metadata={"Software": None})
-    return buffer.getvalue()
+def to_svg(fig: Figure, *, width_in: float | None = None) -> str:
+    """The figure as SVG text, cropped to its contents, the same bytes on every run.
+
+    ``width_in`` re-lays the figure out at another width first (constrained
+    layout moves the axes; text keeps its size) and restores it afterwards.
+    """
+    size = fig.get_size_inches().copy()
+    if width_in is not None:
+        fig.set_size_inches(width_in, size[1] * max(1.0, min(1.35, size[0] / width_in / 1.6)))
+    try:
+        buffer = io.StringIO()
+        fig.savefig(buffer, format="svg", bbox_inches="tight", metadata={"Date": None, "Creator": None})
+    finally:
+        fig.set_size_inches(size)
+    svg = buffer.getvalue()
+    # The XML prologue and the comments name no content; drop them so the text embeds anywhere.
+    svg = re.sub(r"^<\?xml[^>]*>\s*", "", svg)
+    svg = re.sub(r"<!DOCTYPE[^>]*>\s*", "", svg)
+    return svg
 
 
-def glue_figure(name: str, fig: Figure) -> None:
-    """Store a figure under ``name`` for the prose, and close it.
+def check_text_sizes(fig: Figure) -> None:
+    """Raise if any visible text of ``fig`` is smaller than :data:`MIN_FONT_PT` (or a figure is too wide)."""
+    width = float(fig.get_size_inches()[0])
+    if width > COLUMN_IN + 1e-6:
+        raise ValueError(f"the figure is {width:.2f} in wide; the page's column holds {COLUMN_IN} in")
+    small = sorted(
+        {f"{t.get_text()!r} at {t.get_fontsize():.1f} pt" for t in fig.findobj(_is_text)
+         if t.get_visible() and t.get_text().strip() and t.get_fontsize() < MIN_FONT_PT - 1e-6}
+    )
+    if small:
+        raise ValueError(f"text smaller than {MIN_FONT_PT} pt is unreadable on the page: " + ", ".join(small[:6]))
 
-    Place it in a Markdown cell with its caption and alt text::
+
+def _is_text(artist: Any) -> bool:
+    from matplotlib.text import Text
+
+    return isinstance(artist, Text)
+
+
+@dataclass
+class Rendition:
+    """A figure drawn for the page's column (``wide``) and for a phone's (``narrow``, or None)."""
+
+    wide: str
+    narrow: str | None
+    width_px: float
+
+
+def _svg_width_px(svg: str) -> float:
+    match = re.search(r'<svg[^>]*\swidth="([0-9.]+)pt"', svg)
+    return round(float(match.group(1)) * 4 / 3, 1) if match else 0.0
+
+
+def renditions(fig: Figure, *, narrow: bool = True) -> Rendition:
+    """Check the figure's text sizes, then draw it wide and (unless ``narrow=False``) narrow; close it.
+
+    The narrow rendition is the same figure re-laid out :data:`NARROW_IN` wide,
+    which fits a phone's column without shrinking its text. Pass ``narrow=False``
+    for figures that cannot be re-laid out (a wide matrix of numbers): on a phone
+    those scroll sideways in their own box instead.
+    """
+    import matplotlib.pyplot as plt
+
+    check_text_sizes(fig)
+    try:
+        wide = to_svg(fig)
+        small = _narrow_svg(fig) if narrow else None
+    finally:
+        plt.close(fig)
+    return Rendition(wide, small, _svg_width_px(wide))
+
+
+def _narrow_svg(fig: Figure) -> str | None:
+    """The figure re-laid out for a phone, or None if it is narrow already or its tick labels would collide."""
+    if fig.get_size_inches()[0] <= NARROW_IN:
+        return None
+    size = fig.get_size_inches().copy()
+    labels = [t for ax in fig.axes for t in ax.get_xticklabels()]
+    rotations = [(t, t.get_rotation(), t.get_horizontalalignment()) for t in labels]
+    try:
+        fig.set_size_inches(NARROW_IN, size[1] * max(1.0, min(1.35, size[0] / NARROW_IN / 1.6)))
+        if _labels_collide(fig):  # try slanted category labels before giving up
+            for t in labels:
+                t.set_rotation(40)
+                t.set_horizontalalignment("right")
+            if _labels_collide(fig):
+                return None
+        fig.set_size_inches(size)
+        return to_svg(fig, width_in=NARROW_IN)
+    finally:
+        fig.set_size_inches(size)
+        for t, rotation, align in rotations:
+            t.set_rotation(rotation)
+            t.set_horizontalalignment(align)
+
+
+def _labels_collide(fig: Figure) -> bool:
+    """Do two tick labels of one axis overlap (after layout at the figure's current size)?"""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    import math
+
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            shown = [t for t in axis.get_ticklabels() if t.get_visible() and t.get_text().strip()]
+            slanted = [t for t in shown if t.get_rotation() % 180]
+            if slanted:  # parallel slanted labels collide when their anchors are closer than a line apart
+                angle = math.radians(slanted[0].get_rotation() % 180)
+                xs = sorted(t.get_window_extent(renderer).x1 for t in slanted)
+                line = slanted[0].get_fontsize() * fig.dpi / 72 * 1.25 / max(math.sin(angle), 0.1)
+                if any(b - a < line for a, b in zip(xs, xs[1:])):
+                    return True
+                continue
+            boxes = [t.get_window_extent(renderer) for t in shown]
+            boxes.sort(key=lambda b: (b.x0, b.y0))
+            for a, b in zip(boxes, boxes[1:]):
+                if a.overlaps(b):
+                    return True
+    return False
+
+
+def building_book() -> bool:
+    """True while ``make notebooks`` or ``make test`` runs a chapter (``KQV_BOOK_BUILD=1``)."""
+    return os.environ.get(BUILD_ENV) == "1"
+
+
+def _figure_bundle(svg: str) -> dict[str, str]:
+    return {"image/svg+xml": svg, "text/plain": "<Figure>"}
+
+
+def glue_figure(name: str, fig: Figure, *, narrow: bool = True) -> None:
+    """Show a figure where the prose places it (the book), or right here (a notebook); close it.
+
+    While the book is built the figure is stored under ``name`` and placed in a
+    Markdown cell with its caption and alt text::
 
         ```{glue:figure} fig-scores
         :alt: Bar chart: the page "Core" scores 3, Crust and Mantle 2, ...
@@ -233,12 +434,19 @@ def glue_figure(name: str, fig: Figure) -> None:
         Caption, referred to elsewhere as {numref}`fig-scores`.
         ```
 
-    The cell itself shows nothing, so the figure appears once, where the prose puts it.
+    and the cell itself shows nothing, so the figure appears once, where the
+    prose puts it. The rendition for phones is stored as ``name + "--narrow"``
+    (see :func:`renditions`). Anywhere else the cell shows the figure.
     """
-    import matplotlib.pyplot as plt
+    drawn = renditions(fig, narrow=narrow)
+    if not building_book():
+        from IPython.display import display
 
-    _glue(name, fig)
-    plt.close(fig)
+        display(_figure_bundle(drawn.wide), raw=True)
+        return
+    _glue(name, _figure_bundle(drawn.wide))
+    if drawn.narrow is not None:
+        _glue(name + "--narrow", _figure_bundle(drawn.narrow))
 
 
 def glue_number(name: str, value: Any, digits: int | None = 3) -> None:
@@ -248,7 +456,8 @@ def glue_number(name: str, value: Any, digits: int | None = 3) -> None:
     prose's choosing. Rounding here keeps the stored text stable: the last bits
     of a float can change with the thread count, its first three decimals do not.
     A tensor with one element is turned into a Python number first. Nothing is
-    shown in the cell (and nothing is returned, so a cell may end with it).
+    shown in the cell (and nothing is returned, so a cell may end with it); outside
+    the book's build it does nothing.
     """
     if hasattr(value, "item"):
         value = value.item()
@@ -256,98 +465,138 @@ def glue_number(name: str, value: Any, digits: int | None = 3) -> None:
         value = round(value, digits)
         if value == 0:
             value = 0.0  # never -0.0
-    _glue(name, value)
+    if building_book():
+        _glue(name, value)
 
 
-def jshtml_slider(
-    fig: Figure,
-    update: Callable[[Any], Any],
-    frames: Sequence[Any],
-    *,
-    alt: str,
-    interval: int = 700,
-) -> HTML:
-    """A slider over ``frames`` that works in the built page with no kernel.
+def jshtml_slider(fig: Figure, update: Callable[[Any], Any], frames: Sequence[Any], *, alt: str,
+                  label: str = "", format: str = "{}", interval: int = 900) -> Any:
+    """A slider over ``frames`` that works in the page with no kernel (see :func:`kqv.explore.frames`).
 
-    ``update(frame)`` redraws ``fig`` for one frame (it is called once per frame,
-    in order, and its return value is ignored). Every frame is stored in the page
-    as a PNG, so keep to a few dozen frames. Returns HTML to display as the
-    last line of a cell. Compared with matplotlib's own ``to_jshtml``:
-
-    - the font-awesome style sheet that it links from a CDN is dropped (the book's
-      theme already serves the icons, and the page must not load third-party files);
-    - its random element ids are replaced by ids derived from the content,
-      so re-running the cell gives the same bytes;
-    - the frame image gets ``alt`` text.
-
-    The figure is closed.
+    ``update(frame)`` redraws ``fig`` for one frame; it is called once per frame,
+    in order, and the pictures are stored in the page. ``label`` names the slider
+    and ``format`` shows its value. The figure is closed.
     """
     import matplotlib.pyplot as plt
-    from IPython.display import HTML
-    from matplotlib.animation import FuncAnimation
 
-    if not alt.strip():
-        raise ValueError("a slider figure needs alt text")
-    anim = FuncAnimation(fig, lambda frame: update(frame), frames=list(frames), interval=interval, blit=False)
-    page = anim.to_jshtml(default_mode="once")
-    plt.close(fig)
-    page = re.sub(r'<link rel="stylesheet"\s+href="https://[^"]*font-awesome[^"]*">\s*', "", page)
-    if re.search(r'(?:src|href)="(?:https?:)?//', page):
-        raise RuntimeError("to_jshtml output links a third-party file that this helper does not know")
-    random_ids = set(re.findall(r"_anim_img([0-9a-f]{32})", page))
-    if len(random_ids) != 1:
-        raise RuntimeError("unexpected to_jshtml output: cannot find its element id")
-    (random_id,) = random_ids
-    stable_id = "kqv" + hashlib.sha1(page.replace(random_id, "").encode()).hexdigest()[:24]
-    page = page.replace(random_id, stable_id)
-    page = page.replace(f'<img id="_anim_img{stable_id}">',
-                        f'<img id="_anim_img{stable_id}" alt="{html.escape(alt, quote=True)}">')
-    return HTML(page)
+    from . import explore
+
+    values = list(frames)
+    pictures = []
+    try:
+        for value in values:
+            update(value)
+            check_text_sizes(fig)
+            narrow = _narrow_svg(fig)
+            wide = to_svg(fig)
+            pictures.append(Rendition(wide, narrow, _svg_width_px(wide)))
+    finally:
+        plt.close(fig)
+    return explore.frames(lambda frame: pictures[values.index(frame)], alt=alt,
+                          controls={"frame": explore.Slider(label, values, format=format)},
+                          interval=interval)
 
 
-def explorer(draw: Callable[..., Figure], *, alt: str, **controls: ipywidgets.ValueWidget) -> ipywidgets.VBox:
-    """An ipywidgets panel: ``controls`` above, ``draw(**values)``'s figure below.
+def explorer(draw: Callable[..., Figure], *, alt: str, predraw: dict[str, Sequence[Any]] | None = None,
+             note: str | None = None, **controls: ipywidgets.ValueWidget) -> Any:
+    """An explorer: ipywidgets ``controls`` over ``draw(**values)``'s figure, live in a notebook
+    and drawn in advance for the page.
 
-    ``draw`` receives each control's value under the control's keyword, returns a
-    matplotlib figure (which this helper closes), and is called again whenever a
-    control changes. Display the returned panel as the last line of a cell::
+    ``draw`` receives each control's value under the control's keyword and
+    returns a matplotlib figure (closed here). In a running notebook it is called
+    again whenever a control moves. For pages without a kernel (the book's site,
+    a notebook opened without running it) every combination of the controls'
+    options is drawn in advance (:func:`kqv.explore.frames`): sliders over a
+    list (``SelectionSlider``), drop-downs, toggle buttons and checkboxes give
+    their options; for a continuous slider (``FloatSlider``, ``IntSlider``) give
+    the values to draw in ``predraw={"name": [...]}``.
 
-        plots.explorer(draw, alt="...", d=widgets.IntSlider(...), scaled=widgets.Checkbox(...))
-
-    The figure is written into the panel's ``Output`` as data (not captured
-    from the cell's output stream), so the executed notebook stores the first
-    drawing in its widget state and the built page shows it, and the cell's own
-    outputs are the same with or without a widget-aware front end (nbval).
-    ``alt`` describes the figure for screen readers; it is used for every drawing.
+    The displayed output carries both: front ends with a live kernel show the
+    ipywidgets panel, the site shows the drawn-in-advance one. Works with
+    ipywidgets 7 (Colab) and 8.
     """
     import ipywidgets as widgets
 
+    from . import explore
+
     if not controls:
         raise ValueError("an explorer needs at least one control")
+    predraw = dict(predraw or {})
+    unknown = set(predraw) - set(controls)
+    if unknown:
+        raise ValueError(f"predraw names {sorted(unknown)}, which are not controls ({sorted(controls)})")
+    page_controls: dict[str, explore.Control] = {}
+    for name, control in controls.items():
+        page_controls[name] = _page_control(name, control, predraw.get(name))
+
     out = widgets.Output(layout=widgets.Layout(min_height="200px"))
 
     def redraw(change: Any = None) -> None:
-        fig = draw(**{name: control.value for name, control in controls.items()})
-        png = base64.b64encode(to_png(fig)).decode("ascii")
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        drawn = renditions(draw(**{n: c.value for n, c in controls.items()}), narrow=False)
         out.outputs = (
-            {
-                "output_type": "display_data",
-                "data": {
-                    "text/html": f'<img src="data:image/png;base64,{png}" alt="{html.escape(alt, quote=True)}">',
-                    "image/png": png,
-                    "text/plain": alt,
-                },
-                "metadata": {},
-            },
+            {"output_type": "display_data", "data": _figure_bundle(drawn.wide), "metadata": {}},
         )
 
     for control in controls.values():
         control.observe(redraw, names="value")
     redraw()
-    return widgets.VBox([widgets.HBox(list(controls.values())), out])
+    panel = widgets.VBox([widgets.HBox(list(controls.values()),
+                                       layout=widgets.Layout(flex_flow="row wrap")), out])
+    page = explore.frames(draw, alt=alt, controls=page_controls,
+                          note=note or "Drawn in advance for this page; in a running notebook "
+                                       "(Colab, Binder) the controls recompute with kqv.")
+    return _Explorer(panel, page.data, alt)
+
+
+def _page_control(name: str, control: Any, values: Sequence[Any] | None) -> Any:
+    """The drawn-in-advance twin of an ipywidgets control."""
+    from . import explore
+
+    label = getattr(control, "description", "") or name
+    kind = type(control).__name__
+    if kind == "Checkbox" or kind == "ToggleButton":
+        return explore.Toggle(label, bool(control.value))
+    if values is None:
+        options = getattr(control, "options", None)
+        if options is None:
+            raise ValueError(
+                f"control {name!r} ({kind}) is continuous: give the values to draw in advance, "
+                f"predraw={{{name!r}: [...]}}"
+            )
+        values = [o[1] if isinstance(o, tuple) else o for o in options]
+        names = [o[0] if isinstance(o, tuple) else str(o) for o in options]
+    else:
+        values = list(values)
+        names = [str(v) for v in values]
+    if control.value not in values:
+        raise ValueError(f"control {name!r}: its value {control.value!r} is not among the values drawn {values}")
+    if kind in ("Dropdown", "ToggleButtons", "RadioButtons", "Select"):
+        return explore.Choice(label, values, control.value, names=names)
+    fmt = getattr(control, "readout_format", None)
+    slider = explore.Slider(label, values, control.value)
+    if kind == "FloatSlider" and fmt:
+        slider.format = "{:" + fmt + "}"
+    elif kind == "SelectionSlider":
+        slider.format = "{}"
+        slider.options = values
+    return slider
+
+
+class _Explorer:
+    """What :func:`explorer` returns: the live panel, and the page's drawn-in-advance version."""
+
+    def __init__(self, panel: Any, page_html: str, alt: str) -> None:
+        self.panel = panel
+        self.page_html = page_html
+        self.alt = alt
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        view = {"version_major": 2, "version_minor": 0, "model_id": self.panel.model_id}
+        return {
+            "application/vnd.jupyter.widget-view+json": view,
+            "text/html": self.page_html,
+            "text/plain": self.alt,
+        }
 
 
 def _glue(name: str, value: Any) -> None:
@@ -355,21 +604,19 @@ def _glue(name: str, value: Any) -> None:
 
     The value's representations are displayed under MIME types prefixed with
     ``application/papermill.record/`` (which front ends do not show) and tagged
-    with the name, which is how myst-nb finds them when it builds the page. So a
-    chapter runs on Colab, where myst-nb is absent, and builds the same way.
+    with the name, which is how myst-nb finds them when it builds the page. A
+    dict is taken as a ready MIME bundle (a figure's SVG and its text).
     """
-    try:
-        from myst_nb import glue
-    except ImportError:
-        from IPython.core.formatters import format_display_data
-        from IPython.display import display
+    from IPython.core.formatters import format_display_data
+    from IPython.display import display
 
-        prefix = "application/papermill.record/"
-        bundle, metadata = format_display_data(value)
-        metadata["scrapbook"] = {"name": name, "mime_prefix": prefix}
-        display({prefix + mime: data for mime, data in bundle.items()}, raw=True, metadata=metadata)
+    prefix = "application/papermill.record/"
+    if isinstance(value, dict):
+        bundle, metadata = dict(value), {}
     else:
-        glue(name, value, display=False)
+        bundle, metadata = format_display_data(value)
+    metadata = {"scrapbook": {"name": name, "mime_prefix": prefix}}
+    display({prefix + mime: data for mime, data in bundle.items()}, raw=True, metadata=metadata)
 
 
 def _to_numpy(x: Any) -> Any:
