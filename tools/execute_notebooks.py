@@ -16,7 +16,9 @@ them against a fresh run with nbval. So they are made the same way every time:
 - no timing metadata is written, and a cell's consecutive prints are stored as
   one stream output (how the kernel happened to flush them is timing);
 
-so regenerating an unchanged notebook rewrites the same bytes.
+so regenerating an unchanged notebook rewrites the same bytes. Then the
+notebooks learners open, ``notebooks/NN_name.ipynb``, are regenerated from the
+executed chapters (tools/reader_notebooks.py).
 
 A notebook that raises an error is not written, and the command fails.
 """
@@ -36,6 +38,7 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parent.parent
 BOOK = ROOT / "book"
 DETERMINISTIC = Path(__file__).resolve().parent / "deterministic_kernel.py"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 TIMEOUT_PER_CELL = 300
 BUDGET_SECONDS = 60  # a chapter runs top to bottom in under a minute on 2 CPU threads
 
@@ -53,6 +56,7 @@ def set_environment() -> None:
     os.environ["MKL_NUM_THREADS"] = "2"
     os.environ["PYTHONHASHSEED"] = "0"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
+    os.environ["KQV_BOOK_BUILD"] = "1"  # kqv.plots glues figures and numbers for the prose
     os.environ.pop("MPLBACKEND", None)  # the kernel's inline backend must draw the figures
     # The kernel spec runs `python`: make it this interpreter (the project's venv).
     bindir = str(Path(sys.executable).parent)
@@ -119,7 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         seconds = execute(path)
         note = "" if seconds <= BUDGET_SECONDS else f"  (over the {BUDGET_SECONDS} s budget of a chapter)"
         print(f"  done in {seconds:.1f} s{note}", flush=True)
-    return 0
+    import reader_notebooks
+
+    return reader_notebooks.main([str(p) for p in paths])
 
 
 if __name__ == "__main__":
