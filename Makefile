@@ -6,6 +6,7 @@
 #   make test                  every test: kqv, the notebooks (nbval), the site, a real browser
 #   make notebooks [NB=path]   regenerate the stored outputs of every notebook (or of one)
 #   make test-kqv | test-notebooks | test-site | test-browser    one part of `make test`
+#   make test-fresh            every learner's notebook in fresh environments (Colab-like, newest); not in `make test`
 #   make serve                 serve the built site on http://127.0.0.1:8000
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -28,7 +29,7 @@ unexport MPLBACKEND
 # The kernels that nbval starts run `python`: make it the venv's.
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 
-.PHONY: venv vendor chromium setup book notebooks test test-kqv test-notebooks test-site test-browser serve clean
+.PHONY: venv vendor chromium setup book notebooks test test-kqv test-notebooks test-site test-browser test-fresh serve clean
 venv: $(STAMP)
 
 $(STAMP): requirements.txt pyproject.toml
@@ -57,6 +58,7 @@ $(CHROMIUM):
 setup: venv vendor chromium
 
 book: venv vendor
+	@$(PY) tools/publishing.py --warn
 	rm -rf $(SITE)
 	$(VENV)/bin/jupyter-book build . --builder html -W -n --keep-going --all
 	@echo
@@ -71,8 +73,8 @@ test-kqv: venv
 # Every notebook's stored outputs against a fresh run (strict: not --nbval-lax), on the CPU,
 # plus the checks on the notebooks' sources (cells executed in order, the install cell, ...).
 test-notebooks: venv
-	$(PY) -m pytest -q tests/test_book_sources.py tests/test_notebooks.py
-	CUDA_VISIBLE_DEVICES= $(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
+	$(PY) -m pytest -q tests/test_book_sources.py tests/test_notebooks.py tests/test_reader_notebooks.py
+	CUDA_VISIBLE_DEVICES= KQV_BOOK_BUILD=1 $(PY) -m pytest -q -p no:cacheprovider --nbval --nbval-current-env \
 	  --nbval-sanitize-with tools/nbval_sanitize.cfg book
 
 test-site: book
@@ -82,6 +84,10 @@ test-browser: book chromium
 	$(PY) -m pytest -q tests/test_browser.py
 
 test: test-kqv test-notebooks test-site test-browser
+
+# Not part of `make test`: fresh environments from PyPI, every notebook of notebooks/ (see tools/test_fresh.py).
+test-fresh: venv
+	$(PY) tools/test_fresh.py --versions both
 
 serve:
 	@test -f $(SITE)/index.html || { echo "no site yet: run make book"; exit 1; }

@@ -225,15 +225,3 @@ def frames(
     if note:
         static += f'<p class="kqv-note">{html.escape(note)}</p>'
     return component("frames", data, static=static)
-
-
-def svg_font_sizes(svg: str) -> list[float]:
-    """The font sizes (in the SVG's user units) of an SVG's text, symbol fonts left out."""
-    sizes = []
-    for style in re.findall(r'<text[^>]*style="([^"]*)"', svg):
-        if "STIXSize" in style:
-            continue
-        match = re.search(r"font-size:\s*([0-9.]+)px", style)
-        if match:
-            sizes.append(float(match.group(1)))
-    return sizes

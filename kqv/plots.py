@@ -74,6 +74,8 @@ __all__ = [
     "Rendition",
     "renditions",
     "check_text_sizes",
+    "svg_font_sizes",
+    "plain_log_ticks",
     "building_book",
     "glue_figure",
     "glue_number",
@@ -322,6 +324,12 @@ def check_text_sizes(fig: Figure) -> None:
     )
     if small:
         raise ValueError(f"text smaller than {MIN_FONT_PT} pt is unreadable on the page: " + ", ".join(small[:6]))
+    # SVG text is drawn by the reader's browser, which lacks the fonts that matplotlib's mathtext builds
+    # radicals and fractions from: write them in Unicode (q·k/√d) instead.
+    built = sorted({t.get_text() for t in fig.findobj(_is_text)
+                    if t.get_visible() and re.search(r"\\(sqrt|frac|dfrac|tfrac|sum|int|prod)\b", t.get_text())})
+    if built:
+        raise ValueError(f"write these with Unicode, not mathtext (the browser draws SVG text): {built[:4]}")
 
 
 def _is_text(artist: Any) -> bool:
@@ -357,10 +365,42 @@ def renditions(fig: Figure, *, narrow: bool = True) -> Rendition:
     check_text_sizes(fig)
     try:
         wide = to_svg(fig)
+        _check_svg_text(wide)
         small = _narrow_svg(fig) if narrow else None
     finally:
         plt.close(fig)
     return Rendition(wide, small, _svg_width_px(wide))
+
+
+def svg_font_sizes(svg: str) -> list[float]:
+    """The sizes (pt) of all text in a matplotlib SVG, mathtext's pieces included; symbol fonts left out."""
+    sizes = []
+    for style in re.findall(r'<(?:text|tspan)\b[^>]*style="([^"]*font-size[^"]*)"', svg):
+        if "STIXSize" in style:
+            continue  # pieces of a drawn symbol (a radical's stroke), not text
+        match = re.search(r"font-size:\s*([0-9.]+)px", style)
+        if match:
+            sizes.append(float(match.group(1)))
+    return sizes
+
+
+def _check_svg_text(svg: str) -> None:
+    """Catch the small text that check_text_sizes cannot see: mathtext super- and subscripts (2^10 on a log axis)."""
+    small = sorted({size for size in svg_font_sizes(svg) if size < MIN_FONT_PT - 1e-6})
+    if small:
+        raise ValueError(
+            f"the figure has text at {small} pt, below {MIN_FONT_PT} pt: mathtext exponents or subscripts? "
+            "On a log axis, label the ticks with plain numbers (plots.plain_log_ticks)."
+        )
+
+
+def plain_log_ticks(axis: Any, base: int = 2) -> None:
+    """Label a log-scaled axis with plain numbers (16, 64, 1,024), not 2^4: exponents would be too small to read."""
+    from matplotlib.ticker import FuncFormatter, LogLocator
+
+    axis.set_major_locator(LogLocator(base=base))
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:,.0f}" if v >= 1 else f"{v:g}"))
+    axis.set_minor_formatter(FuncFormatter(lambda v, _: ""))
 
 
 def _narrow_svg(fig: Figure) -> str | None:
@@ -487,8 +527,9 @@ def jshtml_slider(fig: Figure, update: Callable[[Any], Any], frames: Sequence[An
         for value in values:
             update(value)
             check_text_sizes(fig)
-            narrow = _narrow_svg(fig)
             wide = to_svg(fig)
+            _check_svg_text(wide)
+            narrow = _narrow_svg(fig)
             pictures.append(Rendition(wide, narrow, _svg_width_px(wide)))
     finally:
         plt.close(fig)

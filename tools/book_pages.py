@@ -56,7 +56,8 @@ def _launch_to_reader(app: Sphinx, pagename: str, templatename: str, context: di
     def rewrite(buttons) -> None:
         for button in buttons:
             if isinstance(button, dict):
-                if isinstance(button.get("url"), str) and source in button["url"]:
+                url = button.get("url")
+                if isinstance(url, str) and url.startswith("http") and source in url:
                     button["url"] = button["url"].replace(source, target)
                 rewrite(button.get("buttons", []))
 

@@ -312,6 +312,14 @@ def _resolve_doc(target: str, ch: Chapter) -> str:
 def convert_markdown(text: str, ch: Chapter, figures: dict[str, "Figure"] | None = None) -> str:
     """MyST Markdown -> CommonMark with HTML and $maths$."""
     out: list[str] = []
+    plain: list[str] = []  # prose lines, converted together: a role may span two lines
+
+    def flush() -> None:
+        if plain:
+            block = convert_roles("\n".join(plain), ch)
+            out.extend(re.sub(r"(\$\$)\s*\([\w-]+\)\s*$", r"\1", line) for line in block.split("\n"))
+            plain.clear()
+
     lines = text.splitlines()
     i = 0
     while i < len(lines):
@@ -321,9 +329,10 @@ def convert_markdown(text: str, ch: Chapter, figures: dict[str, "Figure"] | None
             continue
         m = FENCE_OPEN.match(line)
         if not m:
-            out.append(re.sub(r"(\$\$)\s*\([\w-]+\)\s*$", r"\1", convert_roles(line, ch)))
+            plain.append(line)
             i += 1
             continue
+        flush()
         fence, name, arg = m.group("fence"), m.group("name"), m.group("arg")
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == fence), None)
         if end is None:
@@ -331,6 +340,7 @@ def convert_markdown(text: str, ch: Chapter, figures: dict[str, "Figure"] | None
         options, body = _split_options(lines[i + 1 : end])
         out.extend(_directive(name, arg, options, "\n".join(body), ch, figures).splitlines())
         i = end + 1
+    flush()
     return "\n".join(out).strip("\n")
 
 
@@ -496,6 +506,11 @@ def convert(path: Path, book: Book) -> nbformat.NotebookNode:
             if ("image/svg+xml" in bundle or "image/png" in bundle) and not name.endswith(NARROW):
                 figures[name] = Figure(name, bundle, index)
     ch = Chapter(book, number, glue)
+    for cell in src.cells:  # each figure's alt text, before any cell shows it
+        if cell.cell_type == "markdown":
+            for name, arg, options, _ in _directives(cell.source):
+                if name == "glue:figure" and arg in figures:
+                    figures[arg].alt = options.get("alt", "")
 
     # Which figures does the very next Markdown cell place, right after the cell that draws them?
     kept = [i for i, c in enumerate(src.cells) if not _dropped(c)]

@@ -16,3 +16,11 @@
   else fit();
   window.addEventListener("resize", fit);
 })();
+
+/* A solution's title links to its exercise; a click on that link must follow it, not reach the
+ * toggle script (sphinx-togglebutton looks for its button in the link and throws). */
+document.addEventListener("DOMContentLoaded", function () {
+  document.querySelectorAll(".solution .admonition-title a").forEach(function (link) {
+    link.addEventListener("click", function (event) { event.stopPropagation(); });
+  });
+});
