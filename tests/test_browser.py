@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import http.server
 import os
+import re
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -93,8 +94,10 @@ class PageRecord:
         self.outside: list[str] = []
 
 
-def _open(browser, base_url: str, path: str):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
+def _open(browser, base_url: str, path: str, *, width: int = 1280, mode: str | None = None):
+    context = browser.new_context(viewport={"width": width, "height": 900}, color_scheme=mode or "light")
+    if mode:
+        context.add_init_script(f"localStorage.setItem('mode', '{mode}'); localStorage.setItem('theme', '{mode}');")
     record = PageRecord()
 
     def route(route):
@@ -136,21 +139,37 @@ def _check_maths(page) -> None:
     assert not errors, f"MathJax errors: {errors}"
 
 
-def _check_widgets(page) -> None:
-    views = page.evaluate(
-        "() => document.querySelectorAll('script[type=\"application/vnd.jupyter.widget-view+json\"]').length"
-    )
-    if not views:
-        return
-    page.wait_for_function(
-        f"() => document.querySelectorAll('.widget-subarea .jupyter-widgets').length >= {views}"
-    )
-    # Each stored view drew something: controls, and the first drawing in its output area.
-    empty = page.evaluate(
-        "() => Array.from(document.querySelectorAll('.widget-subarea'))"
-        ".filter(e => e.getBoundingClientRect().height < 10).length"
-    )
-    assert empty == 0, f"{empty} of {views} widget views rendered empty"
+def _check_explorers(page) -> int:
+    """Every explorer (kqv.explore) came to life, and every one of its controls changes its picture."""
+    roots = page.locator(".kqv-explorer")
+    for i in range(roots.count()):
+        root = roots.nth(i)
+        root.scroll_into_view_if_needed()
+        page.wait_for_function("r => r.dataset.kqvMounted === '1'", arg=root.element_handle())
+        if root.get_attribute("data-kqv") != "frames":
+            continue  # components that compute in the page have their own tests below
+        controls = root.locator(".kqv-controls input, .kqv-controls select")
+        assert controls.count(), f"explorer {i} has no controls"
+        for k in range(controls.count()):
+            control = controls.nth(k)
+            before = root.get_attribute("data-frame")
+            kind = control.evaluate("e => e.tagName + ':' + (e.type || '')")
+            if kind == "INPUT:checkbox":
+                control.click()
+            elif kind == "INPUT:range":
+                top = int(control.get_attribute("max"))
+                value = int(control.input_value())
+                control.fill(str(top if value != top else 0))
+            else:  # a drop-down
+                options = control.locator("option")
+                value = control.input_value()
+                other = next(options.nth(o).get_attribute("value") for o in range(options.count())
+                             if options.nth(o).get_attribute("value") != value)
+                control.select_option(other)
+            after = root.get_attribute("data-frame")
+            assert after != before, f"explorer {i}: control {k} ({kind}) did not change the picture"
+        assert root.locator(".kqv-figure svg").count() == 1, f"explorer {i} shows no picture"
+    return roots.count()
 
 
 def _check_images(page) -> None:
@@ -162,29 +181,13 @@ def _check_images(page) -> None:
     assert not broken, f"images that did not load: {broken}"
 
 
-def _check_jshtml_sliders(page) -> int:
-    animations = page.locator("div.animation")
-    for i in range(animations.count()):
-        animation = animations.nth(i)
-        animation.scroll_into_view_if_needed()
-        image, slider = animation.locator("img").first, animation.locator("input.anim-slider")
-        page.wait_for_function("img => img.src.startsWith('data:')", arg=image.element_handle())
-        before_src, before_value = image.get_attribute("src"), slider.input_value()
-        animation.locator("button[title='Next frame']").click()
-        after_value = slider.input_value()
-        assert int(after_value) == int(before_value) + 1, f"slider {i}: frame {before_value} -> {after_value}"
-        assert image.get_attribute("src") != before_src, f"slider {i}: the picture did not change"
-    return animations.count()
-
-
 @pytest.mark.parametrize("path", PAGES)
 def test_page_in_a_real_browser(browser, base_url, path):
     context, page, record = _open(browser, base_url, path)
     try:
         _check_maths(page)
-        _check_widgets(page)
         _check_images(page)
-        _check_jshtml_sliders(page)
+        _check_explorers(page)
         page.wait_for_load_state("networkidle")
         if os.environ.get("BOOK_SCREENSHOTS"):
             folder = Path(os.environ["BOOK_SCREENSHOTS"])
@@ -197,13 +200,168 @@ def test_page_in_a_real_browser(browser, base_url, path):
     assert not record.console_errors, f"console errors: {record.console_errors}"
 
 
-def test_the_book_has_a_kernel_free_slider_and_widgets(browser, base_url):
-    """At least one page carries each kind of interactive figure, so the checks above ran."""
+def test_the_book_has_explorers_that_work_in_the_page():
+    """At least one page carries an explorer, so the checks above ran."""
     pages = [p for p in PAGES if "/chapters/" in p]
-    found_slider = found_widget = False
-    for path in pages:
-        text = (SITE / path).read_text(encoding="utf-8")
-        found_slider |= 'class="animation"' in text
-        found_widget |= "application/vnd.jupyter.widget-view+json" in text
-    assert found_slider, "no to_jshtml slider on any chapter page"
-    assert found_widget, "no stored widget on any chapter page"
+    assert any('class="kqv-explorer"' in (SITE / p).read_text(encoding="utf-8") for p in pages), \
+        "no explorer (kqv.explore) on any chapter page"
+
+
+# --- the site as a reader sees it, on any screen ---------------------------------------------------
+
+CHAPTER_PAGES = [p for p in PAGES if p.startswith("book/chapters/")]
+WIDTHS = (390, 820, 1024, 1400)
+PHONE, DESKTOP = 390, 1400
+
+
+def _sidebar_shown(page) -> bool:
+    return page.evaluate(
+        """() => { const s = document.querySelector('#pst-primary-sidebar, .bd-sidebar-primary');
+                   const r = s.getBoundingClientRect();
+                   return getComputedStyle(s).visibility !== 'hidden' && r.width > 50 && r.right > 50 && r.left >= -1; }"""
+    )
+
+
+def _toc_shown(page) -> bool:
+    return page.evaluate(
+        """() => { const s = document.querySelector('.bd-sidebar-secondary');
+                   if (!s) return false;
+                   const r = s.getBoundingClientRect();
+                   return getComputedStyle(s).visibility !== 'hidden' && getComputedStyle(s).display !== 'none'
+                          && r.width > 50 && r.left < window.innerWidth && r.right > 0; }"""
+    )
+
+
+@pytest.mark.parametrize("width", WIDTHS)
+def test_navigation_buttons_work_at_every_width(browser, base_url, width):
+    """The visible menu and contents buttons open and close the chapter list and the page's contents."""
+    context, page, record = _open(browser, base_url, "book/chapters/04_kv_cache.html", width=width)
+    try:
+        search = page.locator(".search-button-field:visible, .search-button:visible")
+        assert search.count() == 1, f"{search.count()} search boxes at {width} px"
+        menu = page.locator(".primary-toggle:visible")
+        assert menu.count() == 1, f"{menu.count()} visible menu buttons at {width} px"
+        before = _sidebar_shown(page)
+        menu.click()
+        page.wait_for_timeout(600)
+        assert _sidebar_shown(page) != before, f"the menu button did nothing at {width} px"
+        if _sidebar_shown(page) and not before:  # a drawer over the page: close it again
+            page.keyboard.press("Escape")
+            page.mouse.click(width - 5, 450)
+            page.wait_for_timeout(600)
+            assert not _sidebar_shown(page), f"the chapter list does not close at {width} px"
+        contents = page.locator(".secondary-toggle:visible")
+        if contents.count():
+            page.reload(wait_until="load")
+            before = _toc_shown(page)
+            page.locator(".secondary-toggle:visible").first.click()
+            page.wait_for_timeout(600)
+            assert _toc_shown(page) != before, f"the contents button did nothing at {width} px"
+        else:
+            assert width >= 1200 and _toc_shown(page), f"no way to see the page's contents at {width} px"
+    finally:
+        context.close()
+    assert not record.console_errors, record.console_errors
+
+
+def _small_text_px(page) -> float:
+    """The page's small print (<small> in the article), the least any figure's text may show."""
+    return page.evaluate(
+        """() => { const s = document.createElement('small'); s.textContent = 'x';
+                   document.querySelector('article').appendChild(s);
+                   const px = parseFloat(getComputedStyle(s).fontSize); s.remove(); return px; }"""
+    )
+
+
+FIGURE_TEXT = """() => Array.from(document.querySelectorAll('.kqv-svg svg, .kqv-explorer .kqv-figure svg'))
+  .filter(svg => svg.getBoundingClientRect().width > 0)
+  .map(svg => {
+    const box = svg.viewBox.baseVal, scale = svg.getBoundingClientRect().width / box.width;
+    const sizes = Array.from(svg.querySelectorAll('text, tspan'))
+      .filter(t => !(t.getAttribute('style') || '').includes('STIXSize'))
+      .map(t => parseFloat(getComputedStyle(t).fontSize)).filter(x => x > 0);
+    return {label: svg.getAttribute('aria-label') || '', smallest: Math.min(...sizes) * scale};
+  })"""
+
+
+@pytest.mark.parametrize("width", [PHONE, DESKTOP])
+@pytest.mark.parametrize("path", CHAPTER_PAGES)
+def test_figures_are_sharp_and_legible(browser, base_url, path, width):
+    """Figures are SVG (or raster at 1.5x their displayed width) and their text, as shown, is no smaller
+    than the page's small print; nothing makes the page wider than the screen."""
+    context, page, _ = _open(browser, base_url, path, width=width)
+    try:
+        page.evaluate("() => document.querySelectorAll('.kqv-explorer').forEach(e => e.scrollIntoView())")
+        page.wait_for_timeout(300)
+        small = _small_text_px(page)
+        for figure in page.evaluate(FIGURE_TEXT):
+            assert figure["smallest"] >= small - 0.05, (
+                f"{path} at {width} px: text of {figure['smallest']:.1f} px (small print is {small:.1f} px) "
+                f"in the figure '{figure['label'][:80]}'"
+            )
+        blurry = page.evaluate(
+            """() => Array.from(document.querySelectorAll('article img'))
+                 .filter(i => i.getBoundingClientRect().width > 40 && !/\\.svg|image\\/svg/.test(i.src)
+                              && i.naturalWidth < 1.5 * i.getBoundingClientRect().width)
+                 .map(i => i.src.slice(0, 80))"""
+        )
+        assert not blurry, f"{path}: raster images below 1.5x their displayed width: {blurry}"
+        wide = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert wide <= 1, f"{path} at {width} px: the page is {wide} px wider than the screen"
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("path", CHAPTER_PAGES[:1] + CHAPTER_PAGES[-1:])
+def test_dark_mode_figures_follow_the_theme(browser, base_url, path):
+    context, page, record = _open(browser, base_url, path, mode="dark")
+    try:
+        assert page.evaluate("() => document.documentElement.dataset.theme") == "dark"
+        colours = page.evaluate(
+            """() => Array.from(document.querySelectorAll('.kqv-svg svg text')).slice(0, 40)
+                 .filter(t => !(t.getAttribute('style') || '').includes('fill:'))
+                 .map(t => getComputedStyle(t).fill)"""
+        )
+        assert colours, f"{path}: no figure text found"
+        for colour in colours:
+            r, g, b = (int(x) for x in re.findall(r"\d+", colour)[:3])
+            assert 0.2126 * r + 0.7152 * g + 0.0722 * b > 140, f"{path}: dark figure text {colour} on a dark page"
+        filters = page.evaluate("() => Array.from(document.querySelectorAll('.kqv-svg svg')).map(s => getComputedStyle(s).filter)")
+        assert set(filters) <= {"none"}, f"{path}: figures are filtered in dark mode: {set(filters)}"
+    finally:
+        context.close()
+    assert not record.console_errors, record.console_errors
+
+
+def test_first_click_on_the_theme_button_changes_the_page(browser, base_url):
+    context, page, _ = _open(browser, base_url, "book/chapters/01_attention_as_search.html")
+    try:
+        before = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        page.locator(".theme-switch-button:visible").first.click()
+        page.wait_for_timeout(300)
+        after = page.evaluate("() => getComputedStyle(document.body).backgroundColor")
+        assert after != before, "the first click on the theme button did not change the page"
+    finally:
+        context.close()
+
+
+@pytest.mark.parametrize("path", CHAPTER_PAGES)
+def test_each_solution_unfolds_with_one_click(browser, base_url, path):
+    context, page, record = _open(browser, base_url, path)
+    try:
+        solutions = page.locator(".solution.dropdown")
+        assert solutions.count() >= 3, f"{path}: {solutions.count()} solutions"
+        for i in range(solutions.count()):
+            solution = solutions.nth(i)
+            body = solution.locator(".section, .solution-content, p:not(.admonition-title)").first
+            solution.scroll_into_view_if_needed()
+            assert not body.is_visible(), f"{path}: solution {i} is not folded"
+            solution.locator(".toggle-button").click()
+            page.wait_for_timeout(150)
+            assert body.is_visible(), f"{path}: solution {i} did not unfold"
+            code = solution.locator("div.cell")
+            if code.count():
+                assert code.first.is_visible(), f"{path}: solution {i}'s code stays folded after one click"
+    finally:
+        context.close()
+    assert not record.console_errors, record.console_errors
