@@ -88,3 +88,73 @@ def test_chapters_are_named_as_planned():
     present = {p.stem for p in (BOOK / "chapters").glob("*.ipynb")}
     assert "01_attention_as_search" in present
     assert present <= planned, f"unexpected chapter files {sorted(present - planned)}"
+
+
+# --- chapters: cells a reader can follow (tools/CHAPTER_GUIDE.md) -------------------------------------
+
+import ast  # noqa: E402
+
+import nbformat  # noqa: E402
+
+CHAPTERS = sorted((BOOK / "chapters").glob("*.ipynb"))
+MAX_VISIBLE_LINES = 25
+PLUMBING = ("plots.glue_number",)
+
+
+def _cells(path: Path) -> list:
+    return nbformat.read(path, as_version=4).cells
+
+
+def _in_solution(cells) -> list[bool]:
+    """For each cell: does it sit between a {solution-start} and its {solution-end}?"""
+    inside, flags = False, []
+    for cell in cells:
+        text = cell.source if cell.cell_type == "markdown" else ""
+        if "{solution-end}" in text:
+            inside = False
+        flags.append(inside)
+        if "{solution-start}" in text:
+            inside = True
+    return flags
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_teaching_cells_are_short(path):
+    """A visible code cell shows one idea: plotting code is folded, plumbing removed from the page."""
+    long = []
+    for cell, in_solution in zip(_cells(path), _in_solution(_cells(path))):
+        tags = set(cell.metadata.get("tags", []))
+        if cell.cell_type != "code" or tags & {"remove-cell", "hide-input", "remove-input", "hide-cell"}:
+            continue
+        lines = len(cell.source.strip().splitlines())
+        if lines > MAX_VISIBLE_LINES:
+            long.append(f"{lines} lines: {cell.source.strip().splitlines()[0][:60]}")
+    assert not long, f"{path.name}: visible code cells over {MAX_VISIBLE_LINES} lines: {long}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_glue_and_asserts_live_in_hidden_cells(path):
+    """Numbers for the prose and the asserts that guard it are plumbing: the site hides them."""
+    shown = []
+    for cell in _cells(path):
+        if cell.cell_type != "code" or "remove-cell" in cell.metadata.get("tags", []):
+            continue
+        for node in ast.parse(cell.source).body:
+            call = ast.unparse(node.value.func) if isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) else ""
+            if isinstance(node, ast.Assert) or call in PLUMBING:
+                shown.append(ast.unparse(node)[:70])
+    assert not shown, f"{path.name}: move these into a remove-cell cell after the teaching cell: {shown}"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
+def test_each_figure_is_placed_right_after_the_cell_that_draws_it(path):
+    """So the learner's notebook shows the figure under its cell, with the caption right below."""
+    cells = [c for c in _cells(path) if not (c.cell_type == "code" and "remove-cell" in c.metadata.get("tags", [])
+                                             and "glue_figure" not in c.source)]
+    misplaced = []
+    for before, cell in zip(cells, cells[1:]):
+        for name in re.findall(r"\{glue:figure\}\s*(\S+)", cell.source if cell.cell_type == "markdown" else ""):
+            drawn = before.cell_type == "code" and re.search(rf"glue_figure\(\s*[\"']{re.escape(name)}[\"']", before.source)
+            if not (drawn and cell.source.lstrip().startswith(("```{glue:figure}", "````{glue:figure}"))):
+                misplaced.append(name)
+    assert not misplaced, f"{path.name}: figures not placed at the top of the cell right after the cell that draws them: {misplaced}"
