@@ -403,7 +403,7 @@ def split_kv_decode(
     query row per head keeps the whole GPU busy; here they run one after the
     other, to show that the merge (:func:`merge_partials`) is exact. Each slice
     is an :func:`online_softmax_attention`. The slices are as equal as
-    possible (:func:`torch.tensor_split`).
+    possible (``torch.tensor_split``).
 
     Every query sees every key, as a decode step's one new token does (it
     comes after everything in the cache). For several new tokens with a causal
