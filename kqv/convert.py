@@ -419,7 +419,8 @@ class DecoupledRopeLatentAttention(nn.Module):
         scores = scores + torch.einsum("bgqtr,bgsr->bgqts", qr, k_rope)           # RoPE part, per KV head
         scores = scores * self.scale
         scores = scores.masked_fill(~causal_mask(T, S, c.device), float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(c.dtype)               # (B, H_kv, q_per_kv, T, S)
+        exact = torch.promote_types(scores.dtype, torch.float32)                  # half precision up, float64 kept
+        weights = torch.softmax(scores.to(exact), dim=-1).to(c.dtype)             # (B, H_kv, q_per_kv, T, S)
         o_latent = torch.einsum("bgqts,bsc->bgqtc", weights, c)                   # (B, H_kv, q_per_kv, T, d_c)
         out = torch.einsum("bgqtc,gvc->bgqtv", o_latent, W_uv)                    # (B, H_kv, q_per_kv, T, D)
         return out.flatten(1, 2), weights.flatten(1, 2)                           # (B, H, T, D), (B, H, T, S)

@@ -228,10 +228,16 @@ class MultiHeadLatentAttention(nn.Module):
         W_UK, _ = self.up_projections()                                     # (H, D_nope, d_c)
         q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, W_UK)             # (B, H, T, d_c)
         q = torch.cat((q_latent, q_rope), dim=-1)                           # (B, H, T, d_c + d_r)
-        # Keys and values are the same latent rows, no copies: the values that
-        # matter are the first d_c numbers of each row, but fused kernels want keys
-        # and values of one width, so the whole row goes in (as in FlashMLA, which
-        # reads both from one buffer) and the caller drops the last d_r outputs.
+        # Keys and values are the same latent rows, no copies. The values that
+        # matter are only the first d_c numbers of each row (a view,
+        # latent[..., :d_c]), and FlashMLA, which reads both from one buffer,
+        # computes just those d_c outputs (its head_dim_v, 512). PyTorch's flash
+        # kernels instead need keys and values of one width, and given d_c-wide
+        # values they fall back to the math kernel. So the whole row goes in and
+        # the caller drops the last d_r outputs: d_r / d_c = 12.5% more P.V work
+        # (64 of 512), yet on a CPU about twice as fast as the math kernel
+        # without it (one decode step, H = 16, S = 16384, float32, 2 threads:
+        # 7 ms against 26 ms, 10 ms for the eager path; noisy, one run).
         k = v = latent.unsqueeze(1)                                         # (B, 1, S, d_c + d_r)
         return q, k, v
 
