@@ -178,6 +178,15 @@ def test_absorbed_path_never_rebuilds_keys_or_values(smol_small, ids):
     assert len(calls) == 4
 
 
+def test_decoupled_paths_agree_in_float64():
+    """Absorbed equals naive to float64 precision: neither softmax rounds through float32."""
+    absorbed = DecoupledRopeLatentAttention(64, 8, 2, 16, 24, 8).double()
+    naive = DecoupledRopeLatentAttention(64, 8, 2, 16, 24, 8, absorb=False).double()
+    naive.load_state_dict(absorbed.state_dict())
+    x = torch.randn(2, 7, 64, dtype=torch.float64)
+    torch.testing.assert_close(absorbed(x), naive(x), atol=1e-12, rtol=0)
+
+
 def test_decoupled_cache_holds_latent_and_rope_keys(smol_small, ids):
     rank, rope_dim = 96, 16
     model = convert.gqa_to_decoupled_latent(smol_small, rank, rope_dim)

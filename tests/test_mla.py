@@ -45,6 +45,13 @@ def test_half_precision(device, dtype):
     assert torch.allclose(a.float(), b.float(), atol=TOL[dtype] * 10)
 
 
+def test_float64_paths_agree_to_float64_precision(device):
+    """Nothing on either path rounds through float32."""
+    naive, absorbed = pair(24, device, torch.float64)
+    x = torch.randn(2, 7, 64, device=device, dtype=torch.float64)
+    torch.testing.assert_close(naive(x), absorbed(x), atol=1e-12, rtol=0)
+
+
 def test_cache_holds_only_latent_and_rope_key(device):
     _, absorbed = pair(None, device)
     cache = absorbed.new_cache(3, 10, dtype=torch.bfloat16)
