@@ -1,5 +1,7 @@
 """Conversions of a trained GQA model to a smaller cache: pooled KV heads and latent caches."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -10,6 +12,10 @@ from kqv.model import Decoder
 from kqv.convert import DecoupledRopeLatentAttention, LatentKVAttention, LatentKVCache
 
 pytest_plugins = ["conftest_smollm2"]
+
+# These tests calibrate on fewer tokens than SmolLM2's width (576) to stay fast; the
+# warning that says so is tested on its own (test_too_few_calibration_tokens_warn).
+pytestmark = pytest.mark.filterwarnings("ignore:joint_low_rank.*calibration tokens:UserWarning")
 
 PROMPT = "The Earth has three layers: crust, mantle and"
 H_KV, D, HIDDEN, FP32 = 3, 64, 576, 4
@@ -113,6 +119,17 @@ def test_activation_aware_factorization_wins_on_its_inputs():
 def test_factorization_rank_is_checked():
     with pytest.raises(ValueError, match=r"rank must be between 1 and 24 for a \(24, 40\) weight, got 25"):
         convert.joint_low_rank(torch.zeros(24, 40), 25)
+
+
+def test_too_few_calibration_tokens_warn():
+    """Fewer tokens than the hidden width: a rank-deficient Gram matrix, and a warning that names both numbers."""
+    W = torch.randn(24, 40, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"30 calibration tokens for a hidden width of 40.*several times 40"):
+        convert.joint_low_rank(W, 8, torch.randn(30, 40, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                           # no warning from here on
+        convert.joint_low_rank(W, 8, torch.randn(160, 40, dtype=torch.float64))
+        convert.joint_low_rank(W, 8)                                             # plain SVD: no tokens at all
 
 
 # --- A latent cache under full RoPE --------------------------------------------------
