@@ -29,7 +29,7 @@ scale and a minimum each), the token embeddings (tied to the output layer) to
 8 bits (Q8_0), and only the RMSNorm weights are kept in float32. Dequantizing
 gives float32 tensors that hold exactly those rounded values, not the bf16
 release. So every perplexity, head score and conversion result measured with
-it belongs to this 4-bit checkpoint and would move (a little) with the bf16
+it belongs to this 4-bit checkpoint and would move with the bf16
 weights. And it is the Instruct model, tuned for a chat format
 (``<|im_start|>`` turns), but the book scores it on raw text, without that
 format: its perplexities are those of plain continuation, not of the
