@@ -198,6 +198,9 @@ def scaled_dot_product_attention(
         return _fused(q, k, v, mask, is_causal, scale, q_per_kv)
 
     full = _full_mask(mask, is_causal, T, S, q.device)
+    # Each group's query heads become rows against their KV head, so K and V
+    # are read as they are (broadcasting them instead would copy them; see the
+    # module docstring). Masks and softmax see the same numbers as (B, H, T, S).
     if q_per_kv > 1:
         q = _fold(q, q_per_kv)                                       # (B, H_kv, q_per_kv*T, D)
     scores = (q @ k.transpose(-2, -1)) * scale                       # (B, H_kv, q_per_kv*T, S)
