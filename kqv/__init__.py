@@ -10,6 +10,12 @@ The library behind the book. Each module reads like the chapter that teaches it:
 - :mod:`kqv.configs`: real model configurations and the cache calculator;
 - :mod:`kqv.model`: a small decoder with greedy generation through the caches.
 
+The rest is imported on first use (``kqv.smollm2`` after ``import kqv`` works,
+without loading the GGUF reader or matplotlib before a chapter needs them):
+:mod:`kqv.smollm2` (the real model), :mod:`kqv.heads` (its heads),
+:mod:`kqv.convert` and :mod:`kqv.evaluate` (conversions, measured),
+:mod:`kqv.bench` (timings), :mod:`kqv.plots` (the book's figures).
+
 Shape legend, used in every docstring and shape comment:
 
 =======  ==========================================================
@@ -23,6 +29,8 @@ d_c      MLA's latent width (``kv_lora_rank``)
 d_r      MLA's RoPE width (``qk_rope_head_dim``)
 =======  ==========================================================
 """
+
+import importlib as _importlib
 
 from .attention import Attention, causal_mask, repeat_kv, scaled_dot_product_attention
 from .cache import KVCache, LatentCache, ModelCache
@@ -44,3 +52,20 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+# Every public submodule, reachable as an attribute: those above are imported
+# already, the others on first access (PEP 562), so ``import kqv`` stays light.
+_SUBMODULES = (
+    "attention", "bench", "cache", "configs", "convert", "device", "evaluate",
+    "heads", "mla", "model", "norm", "plots", "rope", "smollm2",
+)
+
+
+def __getattr__(name: str):
+    if name in _SUBMODULES:
+        return _importlib.import_module(f".{name}", __name__)  # also sets kqv.<name>
+    raise AttributeError(f"module 'kqv' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_SUBMODULES))

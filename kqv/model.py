@@ -41,8 +41,12 @@ def make_attention(config: ModelConfig, *, absorb: bool = False, fused: bool = T
             config.hidden_size, config.num_heads,
             q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
             qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-            v_head_dim=config.v_head_dim, rope_theta=config.rope_theta or 10000.0, absorb=absorb,
-            eps=config.rms_norm_eps,
+            v_head_dim=config.v_head_dim, rope_theta=config.rope_theta or 10000.0,
+            rope_scaling=config.rope_scaling, absorb=absorb, eps=config.rms_norm_eps,
+        )
+    if config.rope_scaling is not None:
+        raise ValueError(
+            f"{config.name}: kqv.Attention has plain RoPE only, but the config asks for {config.rope_scaling}"
         )
     return Attention(
         config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,

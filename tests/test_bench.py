@@ -213,7 +213,7 @@ def test_decode_step_times_rejects_unknown_variants():
 # --- the CPU decode path the benchmark relies on (kqv.attention._split_kv) -------------
 
 @pytest.mark.parametrize("B, H, H_kv, S", [(1, 32, 1, 2100), (1, 8, 2, 1537), (3, 16, 1, 1100)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_split_kv_decode_equals_eager(B, H, H_kv, S, dtype):
     """Slices of the keys attended apart and merged by log-sum-exp give the eager result."""
     from conftest import TOL
@@ -221,15 +221,16 @@ def test_cpu_split_kv_decode_equals_eager(B, H, H_kv, S, dtype):
 
     q = torch.randn(B, H, 1, 64, dtype=dtype)
     k, v = torch.randn(B, H_kv, S, 64, dtype=dtype), torch.randn(B, H_kv, S, 64, dtype=dtype)
-    eager = scaled_dot_product_attention(q, k, v, is_causal=True).float()
+    eager = scaled_dot_product_attention(q, k, v, is_causal=True).double()
+    tol = dict(atol=TOL[dtype], rtol=min(TOL[dtype], 1e-5))  # float64: merged in float64 too
     q_f = q.reshape(B, H_kv, H // H_kv, 64)
     for splits in (2, 3, 7):  # 1537 and 2100 keys leave a remainder
         out = _split_kv(q_f, k, v, 0.125, splits).reshape(B, H, 1, 64)
-        assert torch.allclose(out.float(), eager, atol=TOL[dtype]), splits
+        assert torch.allclose(out.double(), eager, **tol), splits
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)  # so that the fused path takes the split
         fused = scaled_dot_product_attention(q, k, v, is_causal=True, fused=True)
     finally:
         torch.set_num_threads(threads)
-    assert torch.allclose(fused.float(), eager, atol=TOL[dtype])
+    assert torch.allclose(fused.double(), eager, **tol)
