@@ -8,7 +8,9 @@ The library behind the book. Each module reads like the chapter that teaches it:
 - :mod:`kqv.cache`: caches that know their own size (chapter 4);
 - :mod:`kqv.mla`: DeepSeek-V2's multi-head latent attention (chapter 7);
 - :mod:`kqv.configs`: real model configurations and the cache calculator;
-- :mod:`kqv.model`: a small decoder with greedy generation through the caches.
+- :mod:`kqv.model`: a small decoder with greedy generation through the caches;
+- :mod:`kqv.paged`, :mod:`kqv.quant`, :mod:`kqv.window`: serving the cache in
+  blocks, quantized, and in a sliding window with attention sinks.
 
 Shape legend, used in every docstring and shape comment:
 
@@ -28,6 +30,9 @@ from .attention import Attention, causal_mask, repeat_kv, scaled_dot_product_att
 from .cache import KVCache, LatentCache, ModelCache
 from .device import default_device
 from .mla import MultiHeadLatentAttention
+from .paged import BlockManager, PagedKVCache, PagedLatentCache, PagedModelCache
+from .quant import QuantizedKVCache, QuantizedLatentCache
+from .window import SlidingWindowKVCache, SlidingWindowLatentCache
 from . import configs
 
 __all__ = [
@@ -41,6 +46,14 @@ __all__ = [
     "ModelCache",
     "default_device",
     "configs",
+    "BlockManager",
+    "PagedKVCache",
+    "PagedLatentCache",
+    "PagedModelCache",
+    "QuantizedKVCache",
+    "QuantizedLatentCache",
+    "SlidingWindowKVCache",
+    "SlidingWindowLatentCache",
 ]
 
 __version__ = "0.1.0"
