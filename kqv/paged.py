@@ -384,8 +384,8 @@ class BlockManager:
 class BlockLayout:
     """Where a batch's keys are in the pool, for one step, built once and read by every layer.
 
-    For the gather path: ``tables`` (B, M) block ids, -1 past each sequence's
-    last block, and ``lengths`` (B,) keys per sequence, the ``num_new`` new
+    For the gather path: ``tables`` (B, M) block ids, -1 past the last block
+    that holds each sequence's keys, and ``lengths`` (B,) keys per sequence, the ``num_new`` new
     tokens included (they are each sequence's last). For the blockwise path,
     the same as a list of blocks, each read by one row of the batch:
     ``readers`` (high,) for the blocks 0 .. high - 1 of the pool where they lie
@@ -443,12 +443,14 @@ class BlockLayout:
                     f"row {row} holds {n} keys, but needs at least the {num_new} new ones and at most "
                     f"the {len(table) * block_size} slots of its {len(table)} blocks of {block_size}"
                 )
-        B, M = len(tables), max(len(t) for t in tables)
+        # Each row's blocks that hold its keys (a table may reach further: blocks reserved ahead).
+        used = [math.ceil(n / block_size) for n in lengths]
+        B, M = len(tables), max(used)
         padded = torch.full((B, M), -1, dtype=torch.long)
         for row, table in enumerate(tables):
-            padded[row, : len(table)] = torch.tensor(table, dtype=torch.long)
-        # Every (block, reader) pair: the blocks that hold some of each row's keys, in order.
-        used = torch.tensor([math.ceil(n / block_size) for n in lengths])             # (B,) blocks per row
+            padded[row, : used[row]] = torch.tensor(table[: used[row]], dtype=torch.long)
+        # Every (block, reader) pair, in order.
+        used = torch.tensor(used)                                                     # (B,)
         j = torch.arange(M).expand(B, M)
         pair_rows = torch.arange(B).unsqueeze(1).expand(B, M)[j < used.unsqueeze(1)]   # (P,)
         pair_j = j[j < used.unsqueeze(1)]                                             # (P,)

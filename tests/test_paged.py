@@ -95,6 +95,26 @@ def test_free_list_hands_out_lowest_blocks_and_takes_them_back():
     assert blocks.tables[c] == [0]
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_blocks_reserved_by_a_cancelled_step_are_harmless(fused):
+    attn = make_attention("GQA", "cpu")
+    attn.fused = fused
+    blocks = BlockManager(8, 4)
+    cache = paged_cache(attn, blocks)
+    a = blocks.add()
+    blocks.select([a])
+    blocks.begin(11)                             # reserves blocks 0, 1, 2...
+    blocks.cancel()                              # ...and is dropped: a holds nothing yet
+    x = torch.randn(1, 3, HIDDEN)
+    blocks.begin(2)
+    with torch.no_grad():
+        out = attn(x[:, :2], cache=cache)
+        blocks.begin(1)
+        out = torch.cat((out, attn(x[:, 2:], cache=cache)), 1)
+        assert torch.allclose(out, attn(x), atol=1e-5)
+    assert blocks.tables[a] == [0, 1, 2] and blocks.lengths[a] == 3
+
+
 def test_fork_shares_blocks_and_copies_on_write():
     blocks = BlockManager(16, 4)
     cache = PagedKVCache(blocks, 1, 2)
