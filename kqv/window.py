@@ -200,8 +200,9 @@ class SlidingWindowCache(Cache):
         self.seen = p0 + T
         self.length = min(self.seen, self.window)
         # Each query sees the keys at or before it that are sinks or among its `recent` latest.
+        # (One new token sees every key it was given: no mask, so the fused kernel has less to read.)
         earlier = (k_pos >= 0) & (k_pos <= q_pos.unsqueeze(1))                    # (T, S)
-        self._mask = earlier & ((k_pos > q_pos.unsqueeze(1) - self.recent) | (k_pos < self.sinks))
+        self._mask = None if T == 1 else earlier & ((k_pos > q_pos.unsqueeze(1) - self.recent) | (k_pos < self.sinks))
         return out
 
     def _rope_part(self, t: torch.Tensor) -> torch.Tensor:
@@ -241,8 +242,8 @@ class SlidingWindowCache(Cache):
         fused: bool = False,
     ) -> torch.Tensor:
         """Attention under the window's mask (causal by construction: a query never sees a later token)."""
-        if self._mask is None or self._mask.shape != (q.shape[-2], k.shape[-2]):
-            raise RuntimeError("attend reads what the last update returned: call update first")
+        if (q.shape[-2], k.shape[-2]) != ((1, k.shape[-2]) if self._mask is None else tuple(self._mask.shape)):
+            raise RuntimeError(f"attend reads what the last update returned: got {q.shape[-2]} queries, {k.shape[-2]} keys")
         return scaled_dot_product_attention(q, k, v, mask=self._mask, scale=scale, fused=fused)
 
 
