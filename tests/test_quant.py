@@ -174,3 +174,21 @@ def test_errors_name_the_values_and_lose_nothing():
     with pytest.raises(ValueError, match=r"k has shape \(1, 3, 1, 8\), the cache expects \(1, 2, 1, 8\)"):
         c.update(torch.randn(1, 3, 1, 8), torch.randn(1, 3, 1, 8))
     assert len(c) == 3 and all(torch.equal(before[n], b) for n, b in c.buffers.items())
+
+
+# --- the real model -------------------------------------------------------------------
+
+pytest_plugins = ["conftest_smollm2"]
+
+
+@needs_fp8
+def test_smollm2_barely_notices_an_8_bit_cache(smol_model, smol_tokenizer):
+    from kqv.evaluate import eval_text
+    from kqv.smollm2 import encode
+
+    ids = encode(smol_tokenizer, eval_text())[:, :300]
+    rows = {r["format"]: r for r in cache_quality(smol_model, ids, ("float32", "fp8", "int8"))}
+    for fmt in ("fp8", "int8"):
+        assert rows[fmt]["bytes_per_token"] == 30 * 2 * 3 * (64 + 4)     # a quarter of float32's, plus scales
+        assert rows[fmt]["agreement_float32"] >= 0.9
+        assert rows[fmt]["perplexity"] == pytest.approx(rows["float32"]["perplexity"], rel=0.03)

@@ -206,3 +206,21 @@ def test_errors_name_the_values_and_lose_nothing():
         c.update(k[:, :, :1], k[:, :, :2])
     assert all(torch.equal(before[0][n], b) for n, b in c.buffers.items())
     assert torch.equal(before[1], c.sink_keys) and c.seen == before[2] == 7
+
+
+# --- the real model -------------------------------------------------------------------
+
+pytest_plugins = ["conftest_smollm2"]
+
+
+def test_smollm2_needs_its_attention_sinks(smol_model, smol_tokenizer):
+    """StreamingLLM's finding: evict the first tokens and perplexity jumps; keep 4 of them and it does not."""
+    from kqv.evaluate import eval_text
+    from kqv.smollm2 import encode
+
+    ids = encode(smol_tokenizer, eval_text())[:, :256]
+    full = perplexity(smol_model, ids)
+    without = window_perplexity(smol_model, ids, 64, chunk=32)
+    with_sinks = window_perplexity(smol_model, ids, 64, sinks=4, chunk=32)
+    assert with_sinks < without
+    assert with_sinks - full < (without - full) / 2
