@@ -784,7 +784,7 @@ def paged_vs_dense_decode(
       sequence left-padded to the longest (one fill level for the batch, as
       kqv's dense cache has), with a mask that hides the padding;
     - paged: a :class:`kqv.paged.PagedKVCache` whose pool has just the blocks
-      the sequences need; each step begins on the :class:`BlockManager`
+      the sequences need; each step begins on the :class:`~kqv.paged.BlockManager`
       (its bookkeeping is timed too) and attends block by block.
 
     Both decode the same tokens; the result checks that their outputs agree.

@@ -14,10 +14,10 @@ level, like gpt-fast's and torchtune's, plus what those lack: it reports
   number of heads.
 - :class:`ModelCache` is one cache per layer of a decoder.
 
-What an attention module asks of a cache: :meth:`Cache.update` stores the new
-tokens and returns what attention reads, :meth:`Cache.attend` computes the
-attention of the new queries over it, and :attr:`Cache.next_position` says
-where the next token sits. The caches of :mod:`kqv.paged`, :mod:`kqv.quant` and
+What an attention module asks of a cache: ``update`` (:meth:`KVCache.update`,
+:meth:`LatentCache.update`) stores the new tokens and returns what attention
+reads, :meth:`Cache.attend` computes the attention of the new queries over it,
+and :attr:`Cache.next_position` says where the next token sits. The caches of :mod:`kqv.paged`, :mod:`kqv.quant` and
 :mod:`kqv.window` keep their tokens otherwise (in blocks, quantized, in a
 rolling window) and answer the same three questions their own way.
 

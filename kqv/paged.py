@@ -592,7 +592,7 @@ class PagedCache:
     """One layer's pool of blocks, written and read through a shared :class:`BlockManager`.
 
     It answers what an attention module asks of any cache (see
-    :mod:`kqv.cache`): :meth:`update` writes the new tokens into the slots the
+    :mod:`kqv.cache`): ``update`` writes the new tokens into the slots the
     manager reserved and returns the pool (its blocks below the highest one in
     use), :meth:`attend` reads it through the block tables, and
     :attr:`next_position` gives each sequence of the batch its own position.

@@ -149,7 +149,7 @@ class QuantizedKVCache(Cache):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype attention reads back (the stored one is :attr:`format`)."""
+        """The dtype attention reads back (the stored one is ``format``)."""
         return self._dtype
 
     def update(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +207,7 @@ class QuantizedLatentCache(Cache):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype attention reads back (the stored ones are :attr:`format` and :attr:`rope_dtype`)."""
+        """The dtype attention reads back (the stored ones are ``format`` and ``rope_dtype``)."""
         return self._dtype
 
     def update(self, c_kv: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:

@@ -72,7 +72,7 @@ SINK_POSITIONS = ("cache", "text")
 class SlidingWindowCache(Cache):
     """Named buffers of ``window`` slots along the sequence axis: ``sinks`` kept, the rest a rolling buffer.
 
-    :meth:`update` returns the held tokens (and, for a chunk of several new
+    ``update`` returns the held tokens (and, for a chunk of several new
     tokens, the new ones after them, since the chunk's first queries still see
     tokens that its last ones push out); :meth:`attend` applies the mask that
     says which of them each query sees.
