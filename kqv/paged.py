@@ -149,14 +149,15 @@ class _Step:
 class BlockManager:
     """The pool's bookkeeping, shared by every layer: free list, reference counts, block tables.
 
-    A serving loop uses it in four moves::
+    A serving loop uses it in four moves (add, select, fork, free)::
 
-        blocks = BlockManager(num_blocks=256)          # block_size=16
-        a = blocks.add()                               # a new, empty sequence
-        blocks.select([a]); model(prompt_a, cache=...)  # prefill it alone
-        b = blocks.fork(a)                             # b shares a's blocks (a common prefix)
-        blocks.select([a, b]); model(next_ab, cache=...)  # one decode step for both
-        blocks.free(a)                                 # a finished: its blocks return to the pool
+        blocks = BlockManager(num_blocks=256)                # blocks of 16 tokens
+        cache = paged_cache(model, blocks)                   # a pool per layer, one set of tables
+        a = blocks.add()                                     # a new, empty sequence
+        blocks.select([a]); model(prompt_a, cache=cache)     # prefill it alone: (1, T_a)
+        b = blocks.fork(a)                                   # b shares a's blocks (a common prefix)
+        blocks.select([a, b]); model(next_ab, cache=cache)   # one decode step for both: (2, 1)
+        blocks.free(a)                                       # a has finished: its blocks go back
 
     Each forward pass is one **step**: :meth:`begin` (which a
     :class:`PagedModelCache` calls for the model) reserves room for the new
