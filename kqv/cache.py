@@ -159,7 +159,7 @@ class Cache:
         scale: float | None = None,
         fused: bool = False,
     ) -> torch.Tensor:
-        """Attention of the new queries over what :meth:`update` returned.
+        """Attention of the new queries over what ``update`` returned.
 
         Here every row holds its tokens in order, the new ones last, so this is
         :func:`kqv.attention.scaled_dot_product_attention` with its bottom-right

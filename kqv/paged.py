@@ -711,7 +711,7 @@ class PagedCache:
         scale: float | None = None,
         fused: bool = False,
     ) -> torch.Tensor:
-        """:func:`paged_attention` over the pools that :meth:`update` returned: blockwise when ``fused``."""
+        """:func:`paged_attention` over the pools that ``update`` returned: blockwise when ``fused``."""
         return paged_attention(
             q, k, v, self.blocks.layout(q.device), is_causal=is_causal, scale=scale, blockwise=fused
         )

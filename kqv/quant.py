@@ -51,8 +51,10 @@ __all__ = [
     "cache_quality",
 ]
 
-# Format -> (stored dtype, largest magnitude it holds; None: a float format, stored without scales).
 _FP8 = getattr(torch, "float8_e4m3fn", None)
+
+#: Cache formats: name -> (stored dtype, the largest magnitude it holds, or
+#: None for a float format, stored without scales). "fp8" only where torch has float8_e4m3fn.
 FORMATS: dict[str, tuple[torch.dtype, float | None]] = {
     "int8": (torch.int8, 127.0),
     **({"fp8": (_FP8, float(torch.finfo(_FP8).max))} if _FP8 is not None else {}),  # 448
