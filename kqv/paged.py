@@ -144,6 +144,16 @@ class _Step:
     written: set[int] = field(default_factory=set)  # ids of the caches that have written their part
     committed: bool = False
     layouts: dict = field(default_factory=dict)     # device -> BlockLayout
+    _slots: dict = field(default_factory=dict)      # device -> (block, offset)
+
+    def slots(self, block_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block and the offset in it of every new token, (B*T,) each, sequence by sequence."""
+        if device not in self._slots:
+            positions = [range(s, s + self.num_tokens) for s in self.starts]
+            block = [table[p // block_size] for table, ps in zip(self.tables, positions) for p in ps]
+            offset = [p % block_size for ps in positions for p in ps]
+            self._slots[device] = (torch.tensor(block, device=device), torch.tensor(offset, device=device))
+        return self._slots[device]
 
 
 class BlockManager:
@@ -683,10 +693,7 @@ class PagedCache:
             if t.dtype != pool.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {pool.dtype}")
         step = self.blocks._open_step(self, B, T)
-        bs = self.blocks.block_size
-        positions = [range(s, s + T) for s in step.starts]
-        block = torch.tensor([tab[p // bs] for tab, ps in zip(step.tables, positions) for p in ps], device=self.device)
-        offset = torch.tensor([p % bs for ps in positions for p in ps], device=self.device)
+        block, offset = step.slots(self.blocks.block_size, self.device)  # (B*T,) each: where each new token goes
         for name, t in new.items():
             rows = t.movedim(seq_dims[name], 1).flatten(0, 1)           # (B*T, ...): one row per new token
             # A pool is (num_blocks, ..., block_size, ...), its token axis where t has T.
