@@ -10,7 +10,9 @@ The library behind the book. Each module reads like the chapter that teaches it:
 - :mod:`kqv.mla`: DeepSeek-V2's multi-head latent attention ("Multi-head latent attention");
 - :mod:`kqv.configs`: real model configurations and the cache calculator;
 - :mod:`kqv.model`: a small decoder with greedy generation through the caches;
-- :mod:`kqv.flash`: attention computed fast: online softmax, tiles, split-KV decoding.
+- :mod:`kqv.flash`: attention computed fast: online softmax, tiles, split-KV decoding;
+- :mod:`kqv.paged`, :mod:`kqv.quant`, :mod:`kqv.window`: serving the cache in
+  blocks, quantized, and in a sliding window with attention sinks ("Serving the cache").
 
 The rest is imported on first use (``kqv.smollm2`` after ``import kqv`` works,
 without loading the GGUF reader or matplotlib before a chapter needs them):
@@ -39,6 +41,9 @@ from .attention import Attention, causal_mask, repeat_kv, scaled_dot_product_att
 from .cache import KVCache, LatentCache, ModelCache
 from .device import default_device
 from .mla import MultiHeadLatentAttention
+from .paged import BlockManager, PagedKVCache, PagedLatentCache, PagedModelCache
+from .quant import QuantizedKVCache, QuantizedLatentCache
+from .window import SlidingWindowKVCache, SlidingWindowLatentCache
 from . import configs
 
 __all__ = [
@@ -52,6 +57,14 @@ __all__ = [
     "ModelCache",
     "default_device",
     "configs",
+    "BlockManager",
+    "PagedKVCache",
+    "PagedLatentCache",
+    "PagedModelCache",
+    "QuantizedKVCache",
+    "QuantizedLatentCache",
+    "SlidingWindowKVCache",
+    "SlidingWindowLatentCache",
 ]
 
 __version__ = "0.1.0"
@@ -60,7 +73,7 @@ __version__ = "0.1.0"
 # already, the others on first access (PEP 562), so ``import kqv`` stays light.
 _SUBMODULES = (
     "attention", "bench", "cache", "configs", "convert", "device", "evaluate", "explore",
-    "flash", "heads", "mla", "model", "norm", "plots", "rope", "smollm2",
+    "flash", "heads", "mla", "model", "norm", "paged", "plots", "quant", "rope", "smollm2", "window",
 )
 
 

@@ -342,29 +342,42 @@ def _split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
 
 
 def resolve_positions(
-    positions: torch.Tensor | None, B: int, T: int, start: int | None, device: torch.device
+    positions: torch.Tensor | None,
+    B: int,
+    T: int,
+    start: int | torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor:
     """Absolute positions of T new tokens, (T,) or (B, T), checked against a cache.
 
-    ``start`` is how many tokens the cache already holds (None without a cache).
-    The new tokens are written after them, so they must sit at
-    start .. start + T - 1. Without a cache any positions are accepted.
+    ``start`` is the cache's :attr:`~kqv.cache.Cache.next_position` (None
+    without a cache): how many tokens it already holds, or a (B,) tensor of
+    them when its sequences have different lengths (a paged cache). The new
+    tokens are written after them, so they must sit at start .. start + T - 1.
+    Without a cache any positions are accepted.
     """
+    steps = torch.arange(T, device=device)
+    if isinstance(start, torch.Tensor):
+        expected = start.to(device).unsqueeze(1) + steps                   # (B, T): one row per sequence
+    else:
+        expected = steps + (start or 0)                                    # (T,)
     if positions is None:
-        return torch.arange(start or 0, (start or 0) + T, device=device)
+        return expected
     if positions.is_floating_point():
         raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
     if positions.shape not in ((T,), (B, T)):
         raise ValueError(f"positions must have shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
     positions = positions.to(device)
-    if start is not None:
-        expected = torch.arange(start, start + T, device=device)
-        if not bool((positions == expected).all()):
-            got = positions.flatten()[:4].tolist()
-            raise ValueError(
-                f"positions must continue the cache, which holds {start} tokens: expected "
-                f"{start}..{start + T - 1}, got {got}{'...' if positions.numel() > 4 else ''}"
-            )
+    if start is not None and not bool((positions == expected).all()):
+        got = positions.flatten()[:4].tolist()
+        if isinstance(start, torch.Tensor):  # one start per sequence
+            held, want = start.tolist(), f"each sequence's {start.tolist()} + 0..{T - 1}"
+        else:
+            held, want = start, f"{start}..{start + T - 1}"
+        raise ValueError(
+            f"positions must continue the cache, which holds {held} tokens: expected "
+            f"{want}, got {got}{'...' if positions.numel() > 4 else ''}"
+        )
     return positions
 
 
@@ -389,7 +402,7 @@ def check_input(
     if cache is not None:
         if cache.batch_size != B:
             raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
-        start = cache.length
+        start = cache.next_position
     if angles is not None:
         if angles[0].shape[-2] != T:
             raise ValueError(f"the RoPE angles cover {angles[0].shape[-2]} tokens, x has T={T}")
@@ -525,7 +538,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given (see :meth:`project`)."""
         q, k, v = self.project(x, positions, cache, angles=angles)
-        out = scaled_dot_product_attention(q, k, v, is_causal=True, fused=self.fused)    # (B, H, T, D)
+        # The cache knows where its keys sit (in order, in blocks, in a window): it attends.
+        attend = scaled_dot_product_attention if cache is None else cache.attend
+        out = attend(q, k, v, is_causal=True, fused=self.fused)                          # (B, H, T, D)
         B, T = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

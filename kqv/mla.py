@@ -214,15 +214,23 @@ class MultiHeadLatentAttention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given (see :meth:`project`)."""
         q_nope, q_rope, latent = self.project(x, positions, cache, angles=angles)
+        # The cache knows where its latent rows sit (in order, in blocks, in a window): it attends.
+        attend = scaled_dot_product_attention if cache is None else cache.attend
         if self.absorb:
-            out = self._attend_absorbed(q_nope, q_rope, latent)
+            out = self._attend_absorbed(q_nope, q_rope, latent, attend)
         else:
-            out = self._attend_naive(q_nope, q_rope, latent)                # (B, H, T, D_v)
+            out = self._attend_naive(q_nope, q_rope, latent, attend)        # (B, H, T, D_v)
         B, T, _ = x.shape
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.v_head_dim))
 
-    def _attend_naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
-        """Rebuild per-head K and V from every cached latent, then attend as MHA."""
+    def _attend_naive(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, attend=scaled_dot_product_attention
+    ) -> torch.Tensor:
+        """Rebuild per-head K and V from every cached latent, then attend as MHA.
+
+        (A paged cache hands over its pool of blocks, (num_blocks, block_size,
+        d_c + d_r), instead of (B, S, d_c + d_r): every line below reads it the same way.)
+        """
         B, S, _ = latent.shape
         H, d_c, D_nope = self.num_heads, self.kv_lora_rank, self.qk_nope_head_dim
         c_kv, k_rope = latent.split([d_c, self.qk_rope_head_dim], dim=-1)
@@ -230,7 +238,7 @@ class MultiHeadLatentAttention(nn.Module):
         k_nope, v = kv.split([D_nope, self.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(1).expand(B, H, S, -1)), dim=-1)  # (B, H, S, D_nope + d_r)
         q = torch.cat((q_nope, q_rope), dim=-1)                                  # (B, H, T, D_nope + d_r)
-        return scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, fused=True)
+        return attend(q, k, v, is_causal=True, scale=self.scale, fused=True)
 
     def _absorbed_qkv(
         self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor
@@ -252,10 +260,12 @@ class MultiHeadLatentAttention(nn.Module):
         k = v = latent.unsqueeze(1)                                         # (B, 1, S, d_c + d_r)
         return q, k, v
 
-    def _attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    def _attend_absorbed(
+        self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, attend=scaled_dot_product_attention
+    ) -> torch.Tensor:
         """Fold W_UK into the queries and W_UV into the output; attend against the latents."""
         q, k, v = self._absorbed_qkv(q_nope, q_rope, latent)
-        o_rows = scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, fused=True)
+        o_rows = attend(q, k, v, is_causal=True, scale=self.scale, fused=True)
         o_latent = o_rows[..., : self.kv_lora_rank]                         # (B, H, T, d_c): sum_s w_s c_s
         _, W_UV = self.up_projections()                                     # (H, D_v, d_c)
         return torch.einsum("bhtc,hvc->bhtv", o_latent, W_UV)               # (B, H, T, D_v)

@@ -21,7 +21,10 @@ import torch
 from kqv import bench
 
 ROOT = Path(__file__).resolve().parents[1]
-RATIOS = ["decode_roofline_fraction", "gqa_fused_vs_repeat", "mla_absorbed_vs_naive", "smollm2_kqv_vs_transformers"]
+RATIOS = [
+    "decode_roofline_fraction", "gqa_fused_vs_repeat", "mla_absorbed_vs_naive", "smollm2_kqv_vs_transformers",
+    "paged_vs_dense_decode",
+]
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +144,29 @@ def test_smollm2_generates_the_same_tokens_in_both(quick_run):
         assert positive(s[key]), key
     assert close(s["kqv_tokens_per_second"], s["new_tokens"] / s["kqv_seconds"])
     assert close(result["smollm2_kqv_vs_transformers"], s["kqv_tokens_per_second"] / s["transformers_tokens_per_second"])
+
+
+def test_paged_decode_holds_less_and_agrees_with_dense(quick_run):
+    result, table = quick_run
+    p = result["paged"]
+    assert p["batch_size"] == 32 and len(p["lengths"]) == 32 and len(set(p["lengths"])) > 1  # mixed lengths
+    assert positive(p["dense_seconds"]) and positive(p["paged_seconds"])
+    assert close(result["paged_vs_dense_decode"], p["dense_seconds"] / p["paged_seconds"])
+    assert p["used_bytes"] <= p["paged_bytes"] < p["dense_bytes"]  # strictly less memory held
+    # paging wastes less than one block per sequence
+    per_token = p["used_bytes"] // (sum(p["lengths"]) + 32 * p["decode_steps"])
+    assert p["paged_bytes"] - p["used_bytes"] < 32 * p["block_size"] * per_token
+    tol = 1e-4 if result["meta"]["dtype"] == "float32" else 5e-2
+    assert p["relative_diff"] < tol
+    eq = p["equal_lengths"]
+    assert close(eq["ratio"], eq["dense_seconds"] / eq["paged_seconds"]) and eq["relative_diff"] < tol
+    assert "Paged decode" in table
+
+
+def test_paged_decode_is_notebook_sized():
+    r = bench.paged_vs_dense_decode(batch_size=4, low=5, high=40, block_size=4, repeats=2, warmup=1, device="cpu")
+    assert len(r["lengths"]) == 4 and len(r["dense_times"]) == 2
+    assert r["relative_diff"] < 1e-5 and r["paged_bytes"] < r["dense_bytes"]
 
 
 @pytest.mark.parametrize("cold", [False, True])
