@@ -787,8 +787,8 @@ def _design_panel(sk: _Sketch, y: float, s: _Shape, note: str, scale: float, *, 
         sk.rect(x0, y_cat, w_c, cat_h, role="latent", lw=0.6, gid=f"catalog-{panel}-latent")
         if s.d_r:
             sk.rect(x0 + w_c, y_cat, span - w_c, cat_h, role="rope", lw=0.6, gid=f"catalog-{panel}-rope")
-        sk.lines([(c, q_bottom, x0 + span * (h + 0.5) / H, y_cat) for h, c in enumerate(centers)],
-                 lw=0.6, alpha=0.7)
+        # Every head reads the whole card (through its own W_UK_h, W_UV_h), so every line meets in one point.
+        sk.lines([(c, q_bottom, x0 + span / 2, y_cat) for c in centers], lw=0.6, alpha=0.7)
     else:
         g = H // s.H_kv
         for j in range(s.H_kv):

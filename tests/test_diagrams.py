@@ -280,3 +280,13 @@ def test_the_animation_checks_its_arguments():
         diagrams.decode_animation("XQA")
     with pytest.raises(ValueError, match="inputs must have shape"):
         diagrams.decode_weights(diagrams.demo_module("MHA"), torch.randn(3, 65))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["GQA", "MLA"])
+def test_decode_weights_on_any_device_and_dtype(device, dtype, kind):
+    module = diagrams.demo_module(kind).to(device=device, dtype=dtype)
+    steps = diagrams.decode_weights(module, torch.randn(5, 64))  # inputs follow the module
+    for t, w in enumerate(steps):
+        assert w.device.type == "cpu" and w.dtype == torch.float32 and w.shape == (4, t + 1)
+        torch.testing.assert_close(w.sum(-1), torch.ones(4), atol=2e-2, rtol=0)
