@@ -1046,10 +1046,11 @@ def demo_module(kind: str, *, seed: int = 0) -> Attention | MultiHeadLatentAtten
     """
     if kind not in _DEMO:
         raise ValueError(f"unknown kind {kind!r}; known: {sorted(_DEMO)}")
-    torch.manual_seed(seed)
-    if kind == "MLA":
-        return MultiHeadLatentAttention(64, 4, q_lora_rank=None, **_DEMO[kind]).eval()
-    return Attention(64, 4, head_dim=16, rope_theta=10000.0, **_DEMO[kind]).eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's random numbers stay as they were
+        torch.manual_seed(seed)
+        if kind == "MLA":
+            return MultiHeadLatentAttention(64, 4, q_lora_rank=None, **_DEMO[kind]).eval()
+        return Attention(64, 4, head_dim=16, rope_theta=10000.0, **_DEMO[kind]).eval()
 
 
 def _decode_frame(spec: _CacheSpec, tokens: Sequence[str], weights: Sequence[torch.Tensor], step: int, *,

@@ -273,6 +273,15 @@ def test_the_animation_shows_the_modules_heads_and_stays_small():
     assert len(html.data.encode()) < 600_000
 
 
+def test_demo_modules_are_seeded_without_touching_the_callers_random_numbers():
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    first = diagrams.demo_module("MLA")
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(first.kv_b_proj.weight, diagrams.demo_module("MLA").kv_b_proj.weight)
+
+
 def test_the_animation_checks_its_arguments():
     with pytest.raises(ValueError, match=r"kind='MHA' but the module is GQA \(4 query heads, 2 K/V heads\)"):
         diagrams.decode_animation("MHA", module=diagrams.demo_module("GQA"))
