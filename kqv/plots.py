@@ -63,6 +63,7 @@ __all__ = [
     "INK",
     "DARK",
     "DESIGNS",
+    "ROLES",
     "look",
     "MIN_FONT_PT",
     "COLUMN_IN",
@@ -119,6 +120,23 @@ DESIGNS: dict[str, dict[str, str]] = {
     "MQA": {"color": OKABE_ITO["vermillion"], "marker": "^", "label": "MQA"},
     "MLA": {"color": OKABE_ITO["reddish purple"], "marker": "D", "label": "MLA"},
     "latent": {"color": OKABE_ITO["orange"], "marker": "v", "label": "latent K/V"},
+}
+
+#: One colour per role in the concept diagrams (:mod:`kqv.diagrams`), the same in every chapter:
+#: a query is always reddish purple, a key yellow, a value sky blue (the roles of Jay Alammar's
+#: "Illustrated Transformer"), MLA's cached latent blue and the decoupled RoPE part vermillion.
+#: "hidden" (the token's vector x and the layer's output) is a tint of the ink. These five
+#: Okabe-Ito colours are, of all choices of five, the set whose closest pair stays furthest apart
+#: (CIELAB distance at least 20) under simulated protanopia, deuteranopia and tritanopia
+#: (Machado et al. 2009), because all five meet in one figure (MLA's path). Where designs are
+#: compared, the design's own colour (:data:`DESIGNS`) marks its name only.
+ROLES: dict[str, str] = {
+    "hidden": INK,
+    "query": OKABE_ITO["reddish purple"],
+    "key": OKABE_ITO["yellow"],
+    "value": OKABE_ITO["sky blue"],
+    "latent": OKABE_ITO["blue"],
+    "rope": OKABE_ITO["vermillion"],
 }
 
 #: The smallest text a figure may show, in points: 10.8 pt is 14.4 CSS pixels, the
@@ -356,9 +374,12 @@ def renditions(fig: Figure, *, narrow: bool = True) -> Rendition:
     """Check the figure's text sizes, then draw it wide and (unless ``narrow=False``) narrow; close it.
 
     The narrow rendition is the same figure re-laid out :data:`NARROW_IN` wide,
-    which fits a phone's column without shrinking its text. Pass ``narrow=False``
-    for figures that cannot be re-laid out (a wide matrix of numbers): on a phone
-    those scroll sideways in their own box instead.
+    which fits a phone's column without shrinking its text. A figure that
+    carries ``fig.kqv_relayout`` (a function of a width in inches that returns
+    a new figure, as :mod:`kqv.diagrams` sets) is drawn again at that width
+    instead. Pass ``narrow=False`` for figures that cannot be re-laid out (a
+    wide matrix of numbers): on a phone those scroll sideways in their own box
+    instead.
     """
     import matplotlib.pyplot as plt
 
@@ -407,6 +428,9 @@ def _narrow_svg(fig: Figure) -> str | None:
     """The figure re-laid out for a phone, or None if it is narrow already or its tick labels would collide."""
     if fig.get_size_inches()[0] <= NARROW_IN:
         return None
+    relayout = getattr(fig, "kqv_relayout", None)
+    if relayout is not None:  # a figure that lays itself out for a given width (kqv.diagrams): ask it
+        return _relayout_svg(relayout)
     size = fig.get_size_inches().copy()
     labels = [t for ax in fig.axes for t in ax.get_xticklabels()]
     rotations = [(t, t.get_rotation(), t.get_horizontalalignment()) for t in labels]
@@ -427,6 +451,20 @@ def _narrow_svg(fig: Figure) -> str | None:
         for t, rotation, align in rotations:
             t.set_rotation(rotation)
             t.set_horizontalalignment(align)
+
+
+def _relayout_svg(relayout: Callable[[float], Figure]) -> str:
+    """The SVG of ``relayout(NARROW_IN)``: the figure drawn again for a phone's column, checked, closed."""
+    import matplotlib.pyplot as plt
+
+    small = relayout(NARROW_IN)
+    try:
+        check_text_sizes(small)
+        svg = to_svg(small)
+        _check_svg_text(svg)
+    finally:
+        plt.close(small)
+    return svg
 
 
 def _labels_collide(fig: Figure) -> bool:
