@@ -287,7 +287,7 @@ def format_bytes(n: int) -> str:
     value, k = n / 1024, 0
     while value >= 1024 and k < len(_UNITS) - 1:
         value, k = value / 1024, k + 1
-    digits = 2 if value < 10 else 1 if value < 100 else 0
+    digits = 2 if value < 9.995 else 1 if value < 99.95 else 0  # what rounds to 10.0 gets one decimal
     return f"{_fixed(value, digits)} {_UNITS[k]}"
 
 
@@ -543,6 +543,15 @@ def attention_viewer(
         items.append((f"{random_tokens} random tokens, then the same again", ids))
     if not items:
         raise ValueError("the viewer needs at least one prompt")
+    token_ids = []
+    for name, prompt in items:
+        if isinstance(prompt, str):
+            ids = torch.tensor([tokenizer.encode(prompt).ids])              # (1, T)
+        else:
+            ids = torch.as_tensor(prompt).reshape(1, -1)                     # (1, T)
+        if ids.shape[1] < 2:
+            raise ValueError(f"prompt {name!r} has {ids.shape[1]} token; the viewer needs at least 2")
+        token_ids.append(ids.cpu())
     texts = [p for _, p in items if isinstance(p, str)]
     if scores is None:
         if not texts:
@@ -553,15 +562,9 @@ def attention_viewer(
         if tuple(s.shape) != (L, H):
             raise ValueError(f"scores[{kind!r}] has shape {tuple(s.shape)}, the model has (L, H) = ({L}, {H})")
     packed = []
-    for name, prompt in items:
-        if isinstance(prompt, str):
-            ids = torch.tensor([tokenizer.encode(prompt).ids])                # (1, T)
-        else:
-            ids = torch.as_tensor(prompt).reshape(1, -1)                     # (1, T)
-        if ids.shape[1] < 2:
-            raise ValueError(f"prompt {name!r} has {ids.shape[1]} token; the viewer needs at least 2")
-        maps = heads.attention_maps(model, ids.to(device)).cpu()     # (L, H, T, T)
-        on_prompt = _prompt_scores(maps, ids.cpu(), tokenizer)
+    for (name, _), ids in zip(items, token_ids):
+        maps = heads.attention_maps(model, ids.to(device)).cpu()             # (L, H, T, T)
+        on_prompt = _prompt_scores(maps, ids, tokenizer)
         packed.append({
             "name": str(name),
             "tokens": heads.token_strings(tokenizer, ids),

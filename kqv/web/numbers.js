@@ -22,7 +22,7 @@
     if (big < BigInt(1024)) return K.count(big) + (big === BigInt(1) ? " byte" : " bytes");
     var value = Number(big) / 1024, k = 0;  /* dividing by 1024 is exact, as in Python */
     while (value >= 1024 && k < UNITS.length - 1) { value /= 1024; k += 1; }
-    var digits = value < 10 ? 2 : value < 100 ? 1 : 0;
+    var digits = value < 9.995 ? 2 : value < 99.95 ? 1 : 0;  /* what rounds to 10.0 gets one decimal */
     return K.fixed(value, digits) + " " + UNITS[k];
   };
 })();

@@ -43,7 +43,8 @@
     var bar = K.el("div", { class: "kqv-controls" });
     var sid = "kqv-c-" + Math.random().toString(36).slice(2), tid = sid + "-typed";
     var slider = K.el("input", {
-      type: "range", id: sid, min: Math.log10(lo).toFixed(3), max: Math.log10(hi).toFixed(3), step: "0.01",
+      /* log10 of the temperature, on a grid of 0.01 inside the range: 10^-1 = 0.1 is a position */
+      type: "range", id: sid, min: String(Math.ceil(100 * Math.log10(lo)) / 100), max: String(Math.floor(100 * Math.log10(hi)) / 100), step: "0.01",
       "aria-label": "temperature, on a log scale"
     });
     var typed = K.el("input", { type: "text", id: tid, inputmode: "decimal", size: "6", autocomplete: "off", class: "kqv-tau" });
