@@ -321,8 +321,9 @@ def _counted(config: configs.ModelConfig) -> str:
     """What the cache keeps per token and layer, in words (the page writes the same)."""
     n = configs.kv_elements_per_token(config, per_layer=True)
     if config.is_mla:
-        # The decoupled RoPE key is cached beside the latent, shared by all heads (DeepSeek-V2,
-        # arXiv 2405.04434, section 2.1.3 and Table 1: (d_c + d_h^R) l elements per token).
+        # The decoupled RoPE key k_R is cached beside the latent, one for all heads (DeepSeek-V2,
+        # arXiv 2405.04434, section 2.1; its Table 1 counts (d_c + d_h^R) l elements per token).
+        # Counting the latent alone leaves it out.
         return (
             f"per token and layer: latent {format_count(config.kv_lora_rank)} + RoPE key "
             f"{format_count(config.qk_rope_head_dim)} = {format_count(n)} numbers "
@@ -377,7 +378,7 @@ def cache_calculator(
 ) -> HTML:
     """A KV-cache calculator that the reader types into: the arithmetic of :mod:`kqv.configs`, in the page.
 
-    The reader picks a preset (every model of :data:`kqv.configs.REGISTRY`, read now) or types
+    The reader picks a preset (every registered model, :func:`kqv.configs.names`, read now) or types
     layers, query heads, KV heads and head width (MHA, GQA, MQA), or MLA's latent and RoPE widths;
     then the context length, the batch, the cache dtype and a memory budget. The page shows the
     bytes per token, the whole cache and how many sequences fit the budget, and says what it

@@ -24,6 +24,7 @@ import html
 import http.server
 import os
 import random
+import re
 import threading
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -94,6 +95,25 @@ def _page(mode: str, outputs: dict[str, str]) -> str:
     )
 
 
+def _notebook_page(mode: str, outputs: dict[str, str]) -> str:
+    """The outputs in a notebook as JupyterLab draws it (nbconvert's lab template, light or dark).
+
+    The template's own two scripts from a CDN (require.js, MathJax) are dropped: they are not the
+    explorers', and offline they could not load anyway."""
+    import nbformat
+    from nbconvert import HTMLExporter
+
+    notebook = nbformat.v4.new_notebook()
+    for name, output in outputs.items():
+        cell = nbformat.v4.new_code_cell(f"explore.{name}(...)")
+        cell.outputs = [nbformat.v4.new_output("display_data", data={"text/html": output, "text/plain": name})]
+        notebook.cells.append(cell)
+    body, _ = HTMLExporter(template_name="lab", theme=mode).from_notebook_node(notebook)
+    body, dropped = re.subn(r'<script[^>]*\ssrc="https://[^"]*"[^>]*>\s*</script>', "", body)
+    assert dropped == 2, f"nbconvert's template changed: {dropped} scripts from a CDN"
+    return body.replace("</head>", '<link rel="icon" href="data:,"></head>', 1)
+
+
 @pytest.fixture(scope="module")
 def tiny():
     return tiny_model_and_tokenizer()
@@ -114,6 +134,7 @@ def base_url(tmp_path_factory, tiny):
     folder = tmp_path_factory.mktemp("explorers")
     for mode in ("light", "dark"):
         (folder / f"{mode}.html").write_text(_page(mode, outputs), encoding="utf-8")
+        (folder / f"notebook-{mode}.html").write_text(_notebook_page(mode, outputs), encoding="utf-8")
 
     class Quiet(http.server.SimpleHTTPRequestHandler):
         def log_message(self, format, *args):  # noqa: A002
@@ -143,7 +164,7 @@ def open_page(browser, base_url):
     """open_page(mode, width) -> page; after the test, no request left 127.0.0.1 and nothing failed."""
     opened = []
 
-    def open_(mode: str = "light", width: int = 1400):
+    def open_(mode: str = "light", width: int = 1400, page_name: str | None = None):
         context = browser.new_context(viewport={"width": width, "height": 900})
         problems: list[str] = []
 
@@ -161,7 +182,7 @@ def open_page(browser, base_url):
         page.on("console", lambda m: problems.append(f"console: {m.text}") if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(f"uncaught: {e}"))
         page.on("requestfailed", lambda r: problems.append(f"failed: {r.url}"))
-        page.goto(f"{base_url}/{mode}.html", wait_until="load")
+        page.goto(f"{base_url}/{page_name or mode}.html", wait_until="load")
         page.wait_for_function("() => document.querySelectorAll('.kqv-explorer[data-kqv-mounted=\"1\"]').length === 3")
         opened.append((context, problems))
         return page
@@ -461,3 +482,30 @@ def test_explorers_fit_the_screen_and_read_well_in_both_themes(open_page, mode, 
         if folder:
             Path(folder).mkdir(parents=True, exist_ok=True)
             root.screenshot(path=str(Path(folder) / f"explorer-{name}__{width}__{mode}.png"))
+
+
+@pytest.mark.parametrize("mode", ["light", "dark"])
+def test_explorers_work_in_a_notebook_page(open_page, mode):
+    """Outside the site (JupyterLab's look, no data-theme): each explorer mounts, answers and reads well."""
+    page = open_page(mode, 1000, page_name=f"notebook-{mode}")
+    assert page.evaluate("() => document.documentElement.hasAttribute('data-theme')") is False
+    roots = page.locator(".kqv-explorer")
+    temperature, calculator, viewer = (roots.nth(i) for i in range(3))
+    assert [r.get_attribute("data-kqv") for r in (temperature, calculator, viewer)] == \
+        ["temperature", "cache_calculator", "attention_viewer"]
+    temperature.locator("input.kqv-tau").fill("2")
+    w = torch.tensor(temperature.locator(".kqv-weights .kqv-bar-row").evaluate_all("rs => rs.map(r => +r.dataset.w)"),
+                     dtype=torch.float64)
+    assert torch.allclose(w, torch.softmax(SCORES / 2, dim=-1), rtol=0, atol=1e-12)
+    calculator.locator("select.kqv-preset").select_option(label="deepseek-ai/DeepSeek-V3")
+    check_calculator(calculator, configs.get("deepseek-ai/DeepSeek-V3"), 4096, 1, "bfloat16", 80, "80")
+    viewer.locator("select[data-control=head]").select_option("2")
+    assert dataset(viewer)["head"] == "2" and viewer.locator(".kqv-map rect[data-q]").count() > 0
+    for root in (temperature, calculator, viewer):
+        looks = root.evaluate(LOOKS)
+        faint = [t for t in looks["texts"] if t["contrast"] < 4.5]
+        assert not faint, f"{mode} notebook: text below a 4.5:1 contrast with its background: {faint[:5]}"
+        assert not looks["wide"], f"{mode} notebook: wider than the screen: {looks['wide'][:5]}"
+    if os.environ.get("BOOK_SCREENSHOTS"):
+        Path(os.environ["BOOK_SCREENSHOTS"]).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(os.environ["BOOK_SCREENSHOTS"]) / f"explorers-notebook__{mode}.png"), full_page=True)
