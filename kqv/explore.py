@@ -262,7 +262,7 @@ def frames(
 # (1 KiB = 1,024 bytes), ties rounded up as JavaScript's toFixed rounds them.
 
 _UNITS = ("KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
-GIB = 2**30
+_GIB = 2**30
 
 
 def _fixed(x: float, digits: int) -> str:
@@ -278,7 +278,7 @@ def format_count(n: int) -> str:
 
 def format_bytes(n: int) -> str:
     """A size in the largest binary unit that keeps it at least 1: ``"512 bytes"``, ``"128 KiB"``,
-    ``"1.50 MiB"``, ``"12.5 GiB"`` (three significant digits from 1 KiB on)."""
+    ``"1.50 MiB"``, ``"12.5 GiB"`` (about three significant digits from 1 KiB on)."""
     n = int(n)
     if n < 0:
         raise ValueError(f"a size in bytes cannot be negative, got {n}")
@@ -402,7 +402,7 @@ def cache_calculator(
     if not (isinstance(budget_gib, (int, float)) and math.isfinite(budget_gib) and budget_gib > 0):
         raise ValueError(f"budget_gib must be a positive number, got {budget_gib!r}")
     dtype = _dtype_name(dtype)
-    budget_bytes = int(budget_gib * GIB)
+    budget_bytes = int(budget_gib * _GIB)
     if configs.kv_bytes_per_token(config, dtype) == 0:
         raise ValueError(f"{config.name}: its cache keeps nothing per token")
     presets = [_preset(configs.get(n)) for n in configs.names()]  # the registry as it is now
@@ -581,8 +581,10 @@ def attention_viewer(
         }
         for kind, s in scores.items()
     ]
-    if layer is None or head is None:
-        best = heads.rank_heads(scores["previous_token"].float().cpu(), top=1)[0] if "previous_token" in scores else {"layer": 0, "head": 0}
+    if layer is None or head is None:  # start at the best previous-token head, chapter 3's find
+        best = {"layer": 0, "head": 0}
+        if "previous_token" in scores:
+            best = heads.rank_heads(scores["previous_token"].float().cpu(), top=1)[0]
         layer = best["layer"] if layer is None else layer
         head = best["head"] if head is None else head
     if not (0 <= layer < L and 0 <= head < H):
@@ -615,7 +617,7 @@ def attention_viewer(
 
 
 def _vector(x: Any, name: str) -> torch.Tensor:
-    t = torch.as_tensor(x, dtype=torch.float64).detach().cpu()
+    t = torch.as_tensor(x).detach().cpu().to(torch.float64)  # on the CPU first: MPS has no float64
     if not bool(torch.isfinite(t).all()):
         raise ValueError(f"{name} must be finite numbers, got {t.tolist()}")
     return t

@@ -14,11 +14,18 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 
-from kqv import configs, explore, heads
+from kqv import configs, explore, heads, smollm2
 from kqv.model import Decoder
+
+pytest_plugins = ["conftest_smollm2"]
 
 WORDS = ["<unk>", "Three", "parts", "of", "Earth", "are", "Crust", ",", "Mantle", "and",
          "the", "cat", "sat", "on", "mat", "."] + [f"w{i}" for i in range(48)]
+PROMPTS_PARAGRAPH = (  # chapter 3's paragraph, on which it scores the heads
+    "The Earth is made of layers. The crust is the thin outer shell, where we live. Below it lies the "
+    "mantle, a thick layer of hot rock that flows very slowly. At the centre is the core, a ball of iron "
+    "and nickel. The outer core is liquid; the inner core is solid, because the pressure there is so high."
+)
 PROMPTS = {
     "running sentence": "Three parts of Earth are Crust , Mantle and",
     "a sentence, twice": "the cat sat on the mat . the cat sat on the mat .",
@@ -207,6 +214,26 @@ def test_viewer_of_smollm2_size_stays_small():
     stored = sum(30 * 9 * T * (T + 1) // 2 for T in [*lengths.values(), 32])
     assert len(page) < 1.5e6, f"{len(page):,} bytes"
     assert len(page) < 4 / 3 * stored + 150_000  # the maps in base64, plus scores, tokens and code
+
+
+def test_viewer_of_the_real_model_as_the_book_calls_it(smol_model, smol_tokenizer):
+    """SmolLM2 on chapter 3's prompts: under 1.5 MB, and its best induction head shows on the repeat."""
+    prompts = {
+        "the running sentence": "Three parts of Earth are Crust, Mantle and",
+        "a sentence, twice": "The cat sat on the mat, and the dog ate the bone. "
+                             "The cat sat on the mat, and the dog ate the bone.",
+        "the crust": "The crust is the thin outer shell, where we live.",
+    }
+    scores = heads.head_scores(smol_model, smol_tokenizer, PROMPTS_PARAGRAPH)
+    output = explore.attention_viewer(smol_model, smol_tokenizer, prompts, scores=scores,
+                                      scored_on="a paragraph about the Earth's layers")
+    data = page_data(output)
+    assert len(output.data) < 1.5e6, f"{len(output.data):,} bytes"
+    assert (data["layers"], data["heads"], len(data["prompts"])) == (30, 9, 4)
+    assert data["prompts"][0]["tokens"] == heads.token_strings(smol_tokenizer, smollm2.encode(smol_tokenizer, prompts["the running sentence"]))
+    best = heads.rank_heads(scores["induction"], top=1)[0]
+    on_repeat = data["prompts"][3]["scores"]["induction"][best["layer"] * 9 + best["head"]]
+    assert on_repeat > 0.5, f"layer {best['layer']} head {best['head']}: induction {on_repeat} on the repeated tokens"
 
 
 def test_viewer_errors_name_the_values():

@@ -422,31 +422,53 @@ def test_temperature_is_torch_softmax_of_the_scores(open_page):
 # --- Any screen, either theme ------------------------------------------------------------------------
 
 LOOKS = """root => {
-  const rgba = s => { const m = (s.match(/[\\d.]+/g) || []).map(Number); return m.length === 3 ? m.concat(1) : m.length ? m : [0, 0, 0, 0]; };
+  // Colours: "rgb(r, g, b)" or "rgba(r, g, b, a)" -> [r, g, b, a]; WCAG's relative luminance.
+  const rgba = s => {
+    const m = (s.match(/[\\d.]+/g) || []).map(Number);
+    return m.length === 3 ? m.concat(1) : m.length ? m : [0, 0, 0, 0];
+  };
   const lin = c => { c /= 255; return c <= 0.03928 ? c / 12.92 : Math.pow((c + 0.055) / 1.055, 2.4); };
   const lum = c => 0.2126 * lin(c[0]) + 0.7152 * lin(c[1]) + 0.0722 * lin(c[2]);
-  const background = e => { for (let n = e; n; n = n.parentElement) { const c = rgba(getComputedStyle(n).backgroundColor); if (c[3] > 0.5) return c; } return [255, 255, 255, 1]; };
-  const opacity = e => { let o = 1; for (let n = e; n && n !== document.body; n = n.parentElement) o *= +getComputedStyle(n).opacity; return o; };
-  const name = e => e.tagName.toLowerCase() + (e.getAttribute('class') ? '.' + e.getAttribute('class').split(' ').join('.') : '') + ' "' + (e.textContent || e.value || '').trim().slice(0, 30) + '"';
-  const shown = e => { const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0 && getComputedStyle(e).visibility !== 'hidden'; };
-  const texts = Array.from(root.querySelectorAll('*')).filter(e => shown(e) && (
-    (['INPUT', 'SELECT', 'BUTTON'].includes(e.tagName) && !['range', 'checkbox', 'radio'].includes(e.type)) || e.tagName === 'text' ||
-    Array.from(e.childNodes).some(n => n.nodeType === 3 && n.textContent.trim())));
+  // What a text is drawn on: the first ancestor with a background that is not (nearly) transparent.
+  const background = e => {
+    for (let n = e; n; n = n.parentElement) {
+      const c = rgba(getComputedStyle(n).backgroundColor);
+      if (c[3] > 0.5) return c;
+    }
+    return [255, 255, 255, 1];
+  };
+  const opacity = e => {
+    let o = 1;
+    for (let n = e; n && n !== document.body; n = n.parentElement) o *= +getComputedStyle(n).opacity;
+    return o;
+  };
+  const name = e => e.tagName.toLowerCase() + '.' + (e.getAttribute('class') || '').split(' ').join('.') +
+    ' "' + (e.textContent || e.value || '').trim().slice(0, 30) + '"';
+  const shown = e => {
+    const r = e.getBoundingClientRect();
+    return r.width > 0 && r.height > 0 && getComputedStyle(e).visibility !== 'hidden';
+  };
+  const hasText = e => e.tagName === 'text' ||
+    (['INPUT', 'SELECT', 'BUTTON'].includes(e.tagName) && !['range', 'checkbox', 'radio'].includes(e.type)) ||
+    Array.from(e.childNodes).some(n => n.nodeType === 3 && n.textContent.trim());
+  const all = Array.from(root.querySelectorAll('*')).filter(shown);
   const out = {texts: [], wide: [], light: []};
-  for (const e of texts) {
+  for (const e of all.filter(hasText)) {
     const style = getComputedStyle(e), bg = background(e), o = opacity(e);
     const fg = rgba(e.tagName === 'text' ? style.fill : style.color).slice(0, 3).map((c, i) => o * c + (1 - o) * bg[i]);
     const [a, b] = [lum(fg), lum(bg)].sort((x, y) => y - x);
     out.texts.push({name: name(e), px: parseFloat(style.fontSize), contrast: (a + 0.05) / (b + 0.05)});
   }
-  for (const e of root.querySelectorAll('*')) {
-    if (!shown(e) || e.closest('.kqv-figure')) continue;  // a figure scrolls sideways in its own box
-    if (e.getBoundingClientRect().right > window.innerWidth + 0.5 || e.getBoundingClientRect().left < -0.5) out.wide.push(name(e));
+  for (const e of all) {  // a figure may scroll sideways in its own box; nothing else may overflow
+    const r = e.getBoundingClientRect();
+    if (!e.closest('.kqv-figure') && (r.right > window.innerWidth + 0.5 || r.left < -0.5)) out.wide.push(name(e));
   }
+  // Light boxes: the explorer, its ancestors and its parts, graphics (bars, swatches, the map) aside.
   const graphics = '.kqv-bar-fill, .kqv-meter-fill, .kqv-chip, .kqv-gradient, svg, svg *';
-  for (let n = root; n; n = n.parentElement) out.light.push(n);
-  out.light = out.light.concat(Array.from(root.querySelectorAll('*')).filter(e => shown(e) && !e.matches(graphics)))
-    .filter(e => { const c = rgba(getComputedStyle(e).backgroundColor); return c[3] > 0.5 && lum(c) > 0.4; }).map(name);
+  const boxes = all.filter(e => !e.matches(graphics));
+  for (let n = root; n; n = n.parentElement) boxes.push(n);
+  out.light = boxes.filter(e => { const c = rgba(getComputedStyle(e).backgroundColor); return c[3] > 0.5 && lum(c) > 0.4; })
+    .map(name);
   return out;
 }"""
 

@@ -25,6 +25,16 @@
   /* One colour per design, as in every figure of the book (kqv.plots.DESIGNS). */
   var COLOURS = { MHA: "#0072B2", GQA: "#009E73", MQA: "#D55E00", MLA: "#CC79A7" };
   var GIB = 1073741824;
+  /* The numbers the page shows, also as data-* attributes of the explorer (read by the tests). */
+  var NUMBERS = ["elementsPerLayer", "elementsPerToken", "bytesPerToken", "cacheBytes", "sequences", "maxContext"];
+
+  function quote(text) { return "\u201C" + text + "\u201D"; }
+  /* "1 byte", "2 bytes": n is a Number or a BigInt. */
+  function plural(n, word) { return K.count(n) + " " + word + (String(n) === "1" ? "" : "s"); }
+  /* A control of the top bar: its label, then its input. */
+  function labelled(input, text, wide) {
+    return K.el("div", { class: wide ? "kqv-control kqv-wide" : "kqv-control" }, [K.el("label", { for: input.id, text: text }), input]);
+  }
 
   /* What the reader typed -> {value} (a BigInt, or a Number for decimals) or {error} naming it. */
   function parse(spec, text) {
@@ -33,12 +43,12 @@
     if (spec.decimal) {
       var x = /^(\d+\.?\d*|\.\d+)$/.test(clean) ? Number(clean) : NaN;
       if (!(x > 0 && x <= spec.max)) {
-        return { error: spec.label + " must be a positive number up to " + K.count(spec.max) + ", got \u201C" + text + "\u201D" };
+        return { error: spec.label + " must be a positive number up to " + K.count(spec.max) + ", got " + quote(text) };
       }
       return { value: x };
     }
     if (!/^\d+$/.test(clean)) {
-      return { error: spec.label + " must be a whole number from " + range + ", got \u201C" + text + "\u201D" };
+      return { error: spec.label + " must be a whole number from " + range + ", got " + quote(text) };
     }
     var n = BigInt(clean);
     if (n < BigInt(spec.min) || n > BigInt(spec.max)) {
@@ -66,9 +76,8 @@
       return "per token and layer: latent " + K.count(v.d_c) + " + RoPE key " + K.count(v.d_r) + " = " +
         K.count(perLayer) + " numbers (MLA caches no per-head keys or values)";
     }
-    return "per token and layer: K and V of " + K.count(v.kv_heads) + (v.kv_heads === BigInt(1) ? " KV head" : " KV heads") +
-      " of width " + K.count(v.head_dim) + ": 2 \u00D7 " + K.count(v.kv_heads) + " \u00D7 " + K.count(v.head_dim) +
-      " = " + K.count(perLayer) + " numbers";
+    return "per token and layer: K and V of " + plural(v.kv_heads, "KV head") + " of width " + K.count(v.head_dim) +
+      ": 2 \u00D7 " + K.count(v.kv_heads) + " \u00D7 " + K.count(v.head_dim) + " = " + K.count(perLayer) + " numbers";
   }
 
   K.components.cache_calculator = function (root, data) {
@@ -77,7 +86,7 @@
     var id = function () { return "kqv-c-" + Math.random().toString(36).slice(2); };
 
     /* The model: a preset from kqv.configs, grouped by design, or the reader's own. */
-    var presetId = id(), presetSelect = K.el("select", { id: presetId, class: "kqv-preset" });
+    var presetSelect = K.el("select", { id: id(), class: "kqv-preset" });
     presetSelect.appendChild(K.el("option", { value: "", text: "your own numbers" }));
     ["MHA", "GQA", "MQA", "MLA"].forEach(function (design) {
       var group = K.el("optgroup", { label: design });
@@ -86,18 +95,18 @@
       });
       if (group.children.length) presetSelect.appendChild(group);
     });
-    bar.appendChild(K.el("div", { class: "kqv-control kqv-wide" }, [K.el("label", { for: presetId, text: "model" }), presetSelect]));
+    bar.appendChild(labelled(presetSelect, "model", true));
 
-    var layoutId = id(), layoutSelect = K.el("select", { id: layoutId, class: "kqv-layout" });
+    var layoutSelect = K.el("select", { id: id(), class: "kqv-layout" });
     layoutSelect.appendChild(K.el("option", { value: "kv", text: "K and V per KV head (MHA, GQA, MQA)" }));
     layoutSelect.appendChild(K.el("option", { value: "mla", text: "latent + RoPE key (MLA)" }));
-    bar.appendChild(K.el("div", { class: "kqv-control" }, [K.el("label", { for: layoutId, text: "cache" }), layoutSelect]));
+    bar.appendChild(labelled(layoutSelect, "cache"));
 
-    var dtypeId = id(), dtypeSelect = K.el("select", { id: dtypeId, class: "kqv-dtype" });
+    var dtypeSelect = K.el("select", { id: id(), class: "kqv-dtype" });
     dtypes.forEach(function (d) {
-      dtypeSelect.appendChild(K.el("option", { value: d.name, text: d.label + " (" + d.bytes + (d.bytes === 1 ? " byte)" : " bytes)") }));
+      dtypeSelect.appendChild(K.el("option", { value: d.name, text: d.label + " (" + plural(d.bytes, "byte") + ")" }));
     });
-    bar.appendChild(K.el("div", { class: "kqv-control" }, [K.el("label", { for: dtypeId, text: "cache dtype" }), dtypeSelect]));
+    bar.appendChild(labelled(dtypeSelect, "cache dtype"));
 
     var grid = K.el("div", { class: "kqv-fields" });
     var inputs = {}, boxes = {};
@@ -107,7 +116,8 @@
         type: "text", id: fid, inputmode: spec.decimal ? "decimal" : "numeric", autocomplete: "off",
         spellcheck: "false", "data-field": spec.key, size: "9"
       });
-      boxes[spec.key] = K.el("div", { class: "kqv-field" }, [K.el("label", { for: fid, text: spec.label }), inputs[spec.key]]);
+      var name = K.el("label", { for: fid, text: spec.label });
+      boxes[spec.key] = K.el("div", { class: "kqv-field" }, [name, inputs[spec.key]]);
       grid.appendChild(boxes[spec.key]);
     });
 
@@ -155,9 +165,7 @@
       error.textContent = message;
       root.dataset.error = message;
       results.classList.add("kqv-stale");
-      ["elementsPerLayer", "elementsPerToken", "bytesPerToken", "cacheBytes", "sequences", "maxContext"].forEach(function (k) {
-        delete root.dataset[k];
-      });
+      NUMBERS.forEach(function (k) { delete root.dataset[k]; });
     }
 
     function compute() {
@@ -169,7 +177,8 @@
         if (r.error) errors.push(r.error); else v[spec.key] = r.value;
       });
       if (layout() === "kv" && v.heads !== undefined && v.kv_heads !== undefined && v.heads % v.kv_heads !== BigInt(0)) {
-        errors.push("query heads H (" + K.count(v.heads) + ") must be divisible by KV heads H_kv (" + K.count(v.kv_heads) + ")");
+        errors.push("query heads H (" + K.count(v.heads) + ") must be divisible by KV heads H_kv (" +
+                    K.count(v.kv_heads) + ")");
         inputs.kv_heads.setAttribute("aria-invalid", "true");
       }
       if (errors.length) { clear(errors.join("; ")); return; }
@@ -178,7 +187,8 @@
       results.classList.remove("kqv-stale");
 
       var dtype = dtypes.filter(function (d) { return d.name === dtypeSelect.value; })[0];
-      var perLayer = layout() === "mla" ? v.d_c + v.d_r : BigInt(2) * v.kv_heads * v.head_dim;  /* (d_c + d_r) or 2 H_kv D */
+      /* per token and layer: d_c + d_r, or 2 H_kv D (kqv.configs.kv_elements_per_token(per_layer=True)) */
+      var perLayer = layout() === "mla" ? v.d_c + v.d_r : BigInt(2) * v.kv_heads * v.head_dim;
       var perToken = perLayer * v.layers;                               /* kqv.configs.kv_elements_per_token */
       var bytesPerToken = perToken * BigInt(dtype.bytes);              /* kv_bytes_per_token */
       var perSequence = bytesPerToken * v.context;
@@ -192,7 +202,7 @@
       out.design.appendChild(document.createTextNode(describe(design, v)));
       out.counted.textContent = counted(layout(), v, perLayer);
       out["per-token"].textContent = K.count(bytesPerToken) + " bytes (" + K.bytes(bytesPerToken) + "): " +
-        K.count(perToken) + " numbers over " + K.count(v.layers) + " layers, " + dtype.bytes + (dtype.bytes === 1 ? " byte" : " bytes") + " each";
+        K.count(perToken) + " numbers over " + plural(v.layers, "layer") + ", " + plural(dtype.bytes, "byte") + " each";
       out.cache.textContent = K.count(cache) + " bytes (" + K.bytes(cache) + ") for " + K.count(v.batch) +
         (v.batch === BigInt(1) ? " sequence" : " sequences") + " of " + K.count(v.context) + " tokens";
       var share = Number(cache) / Number(budget);

@@ -44,12 +44,14 @@
     var sid = "kqv-c-" + Math.random().toString(36).slice(2), tid = sid + "-typed";
     var slider = K.el("input", {
       /* log10 of the temperature, on a grid of 0.01 inside the range: 10^-1 = 0.1 is a position */
-      type: "range", id: sid, min: String(Math.ceil(100 * Math.log10(lo)) / 100), max: String(Math.floor(100 * Math.log10(hi)) / 100), step: "0.01",
+      type: "range", id: sid, step: "0.01",
+      min: String(Math.ceil(100 * Math.log10(lo)) / 100), max: String(Math.floor(100 * Math.log10(hi)) / 100),
       "aria-label": "temperature, on a log scale"
     });
-    var typed = K.el("input", { type: "text", id: tid, inputmode: "decimal", size: "6", autocomplete: "off", class: "kqv-tau" });
-    bar.appendChild(K.el("div", { class: "kqv-control" }, [K.el("label", { for: sid, text: "temperature \u03C4" }), slider]));
-    bar.appendChild(K.el("div", { class: "kqv-control" }, [K.el("label", { for: tid, text: "\u03C4 =" }), typed]));
+    var typed = K.el("input", { type: "text", id: tid, class: "kqv-tau", inputmode: "decimal", size: "6", autocomplete: "off" });
+    [[slider, "temperature \u03C4"], [typed, "\u03C4 ="]].forEach(function (c) {
+      bar.appendChild(K.el("div", { class: "kqv-control" }, [K.el("label", { for: c[0].id, text: c[1] }), c[0]]));
+    });
     var error = K.el("p", { class: "kqv-error", role: "alert" });
 
     var panels = K.el("div", { class: "kqv-panels" });
