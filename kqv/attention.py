@@ -21,8 +21,15 @@ Shapes follow the legend in :mod:`kqv`: queries (B, H, T, D), keys and values
 Two paths compute the same thing. The eager path spells out every step and can
 return the weights (for plots); the fused path hands the work to PyTorch's
 ``scaled_dot_product_attention`` (FlashAttention-style kernels where the
-device has them). Neither copies K/V once per query head: a group's query heads
-are stacked against their shared KV head instead.
+device has them). Neither copies K/V once per query head. Both fold a group
+into the query axis: the q_per_kv query heads of a group, T rows each, become
+q_per_kv * T rows against their one KV head, an ordinary attention of shape
+(B, H_kv, q_per_kv * T, D) by (B, H_kv, S, D). (Broadcasting instead, with
+queries (B, H_kv, q_per_kv, T, D) against keys (B, H_kv, 1, S, D), looks
+free but is not: ``torch.matmul`` expands the keys over the q_per_kv axis and
+reshapes them for a batched matmul, which copies K, and then V, q_per_kv
+times.) On a GPU, causal attention without a mask goes to the flash kernel,
+which reads each KV head once for its whole group by itself.
 """
 
 from __future__ import annotations
@@ -116,9 +123,35 @@ def _full_mask(
     return mask.masked_fill(~causal, float("-inf"))
 
 
-def _grouped(x: torch.Tensor, q_per_kv: int) -> torch.Tensor:
-    """(..., H, T, X) -> (..., H_kv, q_per_kv, T, X): query heads stacked by group."""
-    return x.unflatten(-3, (-1, q_per_kv))
+def _fold(x: torch.Tensor, q_per_kv: int) -> torch.Tensor:
+    """(..., H, T, X) -> (..., H_kv, q_per_kv * T, X): each group's query heads stacked as rows.
+
+    Query head h = g * q_per_kv + j, row t becomes row j * T + t of KV head g,
+    the grouping of :func:`repeat_kv`. A view when x is contiguous; otherwise
+    a copy of x only (queries or masks, never keys or values).
+    """
+    return x.unflatten(-3, (-1, q_per_kv)).flatten(-3, -2)
+
+
+def _unfold(x: torch.Tensor, q_per_kv: int, T: int) -> torch.Tensor:
+    """(..., H_kv, q_per_kv * T, X) -> (..., H, T, X): the inverse of :func:`_fold`."""
+    return x.unflatten(-2, (q_per_kv, T)).flatten(-4, -3)
+
+
+def _fold_mask(mask: torch.Tensor, q_per_kv: int, T: int, S: int) -> torch.Tensor:
+    """A mask broadcastable to (B, H, T, S), laid out for folded rows (:func:`_fold`).
+
+    A mask that differs between query heads is folded like the queries. One
+    that is the same for every head (a head axis of size 1, or none, as the
+    causal mask (T, S)) becomes its T rows tiled q_per_kv times,
+    (..., q_per_kv * T, S): one mask that every KV head shares, never expanded
+    over batch or heads.
+    """
+    mask = mask.expand(*mask.shape[:-2], T, S)                     # (..., T, S), a view
+    if mask.dim() >= 3 and mask.shape[-3] > 1:                     # one mask per query head
+        return _fold(mask, q_per_kv)                               # (..., H_kv, q_per_kv*T, S)
+    tiled = mask.unsqueeze(-3).expand(*mask.shape[:-2], q_per_kv, T, S)
+    return tiled.flatten(-3, -2)                                   # (..., q_per_kv*T, S)
 
 
 def scaled_dot_product_attention(
@@ -155,31 +188,51 @@ def scaled_dot_product_attention(
     scale = 1.0 / math.sqrt(D) if scale is None else scale
     if is_causal and T > S:
         raise ValueError(f"causal attention needs at least as many keys as queries, got T={T}, S={S}")
+    if is_causal and T == 1:
+        # Decoding: the one new token comes after every key it attends to, so its
+        # causal mask is all True; leave it out.
+        is_causal = False
     if fused:
         if return_weights:
             raise ValueError("the fused kernel does not expose its weights; use fused=False")
         return _fused(q, k, v, mask, is_causal, scale, q_per_kv)
 
     full = _full_mask(mask, is_causal, T, S, q.device)
-    # Stack each group's query heads against its KV head: (B, H_kv, q_per_kv, T, D).
-    # With q_per_kv == 1 (MHA) this is only a view with an extra axis of size 1.
+    # Each group's query heads become rows against their KV head, so K and V
+    # are read as they are (broadcasting them instead would copy them; see the
+    # module docstring). Masks and softmax see the same numbers as (B, H, T, S).
     if q_per_kv > 1:
-        q, k, v = _grouped(q, q_per_kv), k.unsqueeze(-3), v.unsqueeze(-3)
-    scores = (q @ k.transpose(-2, -1)) * scale                       # (..., T, S)
+        q = _fold(q, q_per_kv)                                       # (B, H_kv, q_per_kv*T, D)
+    scores = (q @ k.transpose(-2, -1)) * scale                       # (B, H_kv, q_per_kv*T, S)
     if q_per_kv > 1:
-        scores = scores.flatten(-4, -3)                              # (B, H, T, S)
+        scores = _unfold(scores, q_per_kv, T)                        # (B, H, T, S), a view
     if full is not None:
         if full.dtype == torch.bool:
             scores = scores.masked_fill(~full, float("-inf"))
         else:
             scores = scores + full
-    # Softmax in float32: half-precision exponentials lose the small weights.
-    weights = torch.softmax(scores.float(), dim=-1).to(q.dtype)      # (B, H, T, S)
-    w = _grouped(weights, q_per_kv) if q_per_kv > 1 else weights
-    out = w @ v                                                      # (..., T, D_v)
+    # Softmax in at least float32: half-precision exponentials lose the small
+    # weights. float64 stays float64.
+    exact = torch.promote_types(scores.dtype, torch.float32)
+    weights = torch.softmax(scores.to(exact), dim=-1).to(q.dtype)    # (B, H, T, S)
+    w = _fold(weights, q_per_kv) if q_per_kv > 1 else weights        # (B, H_kv, q_per_kv*T, S), a view
+    out = w @ v                                                      # (B, H_kv, q_per_kv*T, D_v)
     if q_per_kv > 1:
-        out = out.flatten(-4, -3)                                    # (B, H, T, D_v)
+        out = _unfold(out, q_per_kv, T)                              # (B, H, T, D_v)
     return (out, weights) if return_weights else out
+
+
+def _flash_takes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_per_kv: int) -> bool:
+    """Whether PyTorch's CUDA flash kernel accepts these inputs as they are (groups included).
+
+    It needs a GPU that has it, half precision, a head width it supports, and
+    no mask tensor; then it masks causally by itself and reads each KV head
+    once for its group (``enable_gqa``).
+    """
+    if q.device.type != "cuda" or q.dim() != 4:
+        return False
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, False, q_per_kv > 1)
+    return torch.backends.cuda.can_use_flash_attention(params)
 
 
 def _fused(
@@ -193,30 +246,31 @@ def _fused(
 ) -> torch.Tensor:
     """PyTorch's fused attention, fed so that it never repeats K/V per query head."""
     T, S = q.shape[-2], k.shape[-2]
-    if is_causal and T == 1 and mask is None:
-        # Decoding: the one new token comes after every key it attends to, so its
-        # causal mask is all True. Without a mask the kernel has less to read.
-        is_causal = False
-    if q_per_kv == 1:
+    gqa = q_per_kv > 1
+    if is_causal and mask is None and _flash_takes(q, k, v, q_per_kv):
+        # Prefill on a GPU: the flash kernel needs no mask tensor and handles
+        # groups natively. PyTorch's is_causal aligns top-left, right only for a
+        # full prefill (T == S); a chunk of a longer prompt (T < S) needs the
+        # bottom-right triangle, which causal_lower_right gives to the same kernel.
+        if T == S:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+        # Imported here: the module imports torch._dynamo, a second at startup.
+        from torch.nn.attention.bias import causal_lower_right
+
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, S), scale=scale, enable_gqa=gqa)
+    if not gqa:
         if is_causal and T == S and mask is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-        full = _full_mask(mask, is_causal, T, S, q.device)
-        return _fused_kernel(q, k, v, full, scale)
-    if is_causal and T == S and mask is None and q.device.type == "cuda":
-        # Full prefill on a GPU: the flash kernels handle groups natively.
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        return _fused_kernel(q, k, v, _full_mask(mask, is_causal, T, S, q.device), scale)
     # Fold the group into the query axis: a group's q_per_kv * T query rows all
     # attend to the same KV head, so (B, H_kv, q_per_kv * T, D) against
-    # (B, H_kv, S, D) is one ordinary attention per KV head.
-    B_axes = q.shape[:-3]
-    H, D = q.shape[-3], q.shape[-1]
-    H_kv = H // q_per_kv
-    q_f = q.reshape(*B_axes, H_kv, q_per_kv * T, D)                   # (B, H_kv, q_per_kv*T, D)
+    # (B, H_kv, S, D) is one ordinary attention per KV head. The mask follows
+    # the rows: a mask shared by the heads (the causal one) is tiled, not expanded.
     full = _full_mask(mask, is_causal, T, S, q.device)
     if full is not None:
-        full = full.expand(*B_axes, H, T, S).reshape(*B_axes, H_kv, q_per_kv * T, S)
-    out = _fused_kernel(q_f, k, v, full, scale)
-    return out.reshape(*B_axes, H, T, v.shape[-1])                   # (B, H, T, D_v)
+        full = _fold_mask(full, q_per_kv, T, S)                      # (..., q_per_kv*T, S)
+    out = _fused_kernel(_fold(q, q_per_kv), k, v, full, scale)       # (B, H_kv, q_per_kv*T, D_v)
+    return _unfold(out, q_per_kv, T)                                 # (B, H, T, D_v)
 
 
 def _fused_kernel(
@@ -281,35 +335,49 @@ def _split_kv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, s
         out, lse = _cpu_flash(q_s, k_s, v_s, scale=scale)                # (B*H_kv, n, R, D_v), (B*H_kv, n, R)
         outs.append(out)
         lses.append(lse)
-    weight = torch.softmax(torch.cat(lses, 1).float(), dim=1)            # (B*H_kv, slices, R)
-    out = (torch.cat(outs, 1).float() * weight.unsqueeze(-1)).sum(1)     # (B*H_kv, R, D_v)
+    exact = torch.promote_types(q.dtype, torch.float32)                  # float32, or float64 for float64
+    weight = torch.softmax(torch.cat(lses, 1).to(exact), dim=1)          # (B*H_kv, slices, R)
+    out = (torch.cat(outs, 1).to(exact) * weight.unsqueeze(-1)).sum(1)   # (B*H_kv, R, D_v)
     return out.unsqueeze(ax).to(q.dtype)                                 # (B, H_kv, R, D_v)
 
 
 def resolve_positions(
-    positions: torch.Tensor | None, B: int, T: int, start: int | None, device: torch.device
+    positions: torch.Tensor | None,
+    B: int,
+    T: int,
+    start: int | torch.Tensor | None,
+    device: torch.device,
 ) -> torch.Tensor:
     """Absolute positions of T new tokens, (T,) or (B, T), checked against a cache.
 
-    ``start`` is how many tokens the cache already holds (None without a cache).
-    The new tokens are written after them, so they must sit at
-    start .. start + T - 1. Without a cache any positions are accepted.
+    ``start`` is the cache's :attr:`~kqv.cache.Cache.next_position` (None
+    without a cache): how many tokens it already holds, or a (B,) tensor of
+    them when its sequences have different lengths (a paged cache). The new
+    tokens are written after them, so they must sit at start .. start + T - 1.
+    Without a cache any positions are accepted.
     """
+    steps = torch.arange(T, device=device)
+    if isinstance(start, torch.Tensor):
+        expected = start.to(device).unsqueeze(1) + steps                   # (B, T): one row per sequence
+    else:
+        expected = steps + (start or 0)                                    # (T,)
     if positions is None:
-        return torch.arange(start or 0, (start or 0) + T, device=device)
+        return expected
     if positions.is_floating_point():
         raise TypeError(f"positions must be integers, got dtype {positions.dtype}")
     if positions.shape not in ((T,), (B, T)):
         raise ValueError(f"positions must have shape ({T},) or ({B}, {T}), got {tuple(positions.shape)}")
     positions = positions.to(device)
-    if start is not None:
-        expected = torch.arange(start, start + T, device=device)
-        if not bool((positions == expected).all()):
-            got = positions.flatten()[:4].tolist()
-            raise ValueError(
-                f"positions must continue the cache, which holds {start} tokens: expected "
-                f"{start}..{start + T - 1}, got {got}{'...' if positions.numel() > 4 else ''}"
-            )
+    if start is not None and not bool((positions == expected).all()):
+        got = positions.flatten()[:4].tolist()
+        if isinstance(start, torch.Tensor):  # one start per sequence
+            held, want = start.tolist(), f"each sequence's {start.tolist()} + 0..{T - 1}"
+        else:
+            held, want = start, f"{start}..{start + T - 1}"
+        raise ValueError(
+            f"positions must continue the cache, which holds {held} tokens: expected "
+            f"{want}, got {got}{'...' if positions.numel() > 4 else ''}"
+        )
     return positions
 
 
@@ -334,7 +402,7 @@ def check_input(
     if cache is not None:
         if cache.batch_size != B:
             raise ValueError(f"the cache holds batch size {cache.batch_size}, x has {B}")
-        start = cache.length
+        start = cache.next_position
     if angles is not None:
         if angles[0].shape[-2] != T:
             raise ValueError(f"the RoPE angles cover {angles[0].shape[-2]} tokens, x has T={T}")
@@ -470,7 +538,9 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x (B, T, hidden) -> (B, T, hidden), causal, appending to ``cache`` if given (see :meth:`project`)."""
         q, k, v = self.project(x, positions, cache, angles=angles)
-        out = scaled_dot_product_attention(q, k, v, is_causal=True, fused=self.fused)    # (B, H, T, D)
+        # The cache knows where its keys sit (in order, in blocks, in a window): it attends.
+        attend = scaled_dot_product_attention if cache is None else cache.attend
+        out = attend(q, k, v, is_causal=True, fused=self.fused)                          # (B, H, T, D)
         B, T = x.shape[:2]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 

@@ -25,6 +25,10 @@ comparable with every other:
    attending in latent space against re-expanding the latent cache every step.
 5. **A real model**: greedy generation with SmolLM2-135M in kqv against Hugging
    Face transformers' own Llama, same weights, tokens, device, dtype, threads.
+6. **Paged against dense**: one attention layer decoding a batch of 32
+   sequences of mixed lengths, from a paged cache (:mod:`kqv.paged`, read
+   block by block) and from a dense one (every sequence padded to the
+   longest, masked), same tokens; the time of a step and the memory each holds.
 
 Every timing warms up first, repeats, and reports the median (CUDA events on a
 GPU), on fresh random data. Each must also read its data from memory, not from
@@ -69,8 +73,10 @@ import torch.nn.functional as F
 
 from . import configs
 from .attention import repeat_kv, scaled_dot_product_attention
+from .cache import KVCache
 from .device import default_device
 from .model import make_attention
+from .paged import DEFAULT_BLOCK_SIZE, BlockManager, PagedKVCache, mixed_lengths
 
 __all__ = [
     "VARIANTS",
@@ -85,6 +91,7 @@ __all__ = [
     "gqa_fused_vs_repeat",
     "mla_absorbed_vs_naive",
     "smollm2_kqv_vs_transformers",
+    "paged_vs_dense_decode",
     "run",
     "format_table",
     "format_markdown",
@@ -107,6 +114,7 @@ GOALS = {
     "gqa_fused_vs_repeat": 1.0,
     "mla_absorbed_vs_naive": 5.0,
     "smollm2_kqv_vs_transformers": 1.0,
+    "paged_vs_dense_decode": 0.8,
 }
 
 PROMPT = "The Earth has three layers: crust, mantle and"
@@ -747,15 +755,120 @@ def smollm2_kqv_vs_transformers(
     }
 
 
+# --- 6. Paged against dense ------------------------------------------------------------------
+
+
+@torch.no_grad()
+def paged_vs_dense_decode(
+    *,
+    batch_size: int = 32,
+    low: int = 64,
+    high: int = 4096,
+    config: str | configs.ModelConfig = "HuggingFaceTB/SmolLM2-135M-Instruct",
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | str | None = None,
+    repeats: int = 7,
+    warmup: int = 2,
+    seed: int = 0,
+) -> dict:
+    """Decode steps of one attention layer over a batch of mixed lengths: paged cache against dense.
+
+    ``batch_size`` sequences with :func:`kqv.paged.mixed_lengths` between
+    ``low`` and ``high`` tokens (log-uniform), random keys and values, the
+    attention shape of ``config`` (SmolLM2-135M: 9 query heads, 3 KV heads of
+    64). Each timed call is one decode step for every sequence: write its new
+    key and value, then attend over its whole cache.
+
+    - dense: a :class:`kqv.cache.KVCache` of B x (longest + steps) slots, each
+      sequence left-padded to the longest (one fill level for the batch, as
+      kqv's dense cache has), with a mask that hides the padding;
+    - paged: a :class:`kqv.paged.PagedKVCache` whose pool has just the blocks
+      the sequences need; each step begins on the :class:`~kqv.paged.BlockManager`
+      (its bookkeeping is timed too) and attends block by block.
+
+    Both decode the same tokens; the result checks that their outputs agree.
+
+    Returns:
+        ``dense_seconds``, ``paged_seconds`` (medians per step), ``ratio``
+        (dense / paged), ``dense_bytes`` and ``paged_bytes`` (what each cache
+        holds), ``used_bytes`` (the tokens themselves), ``relative_diff``,
+        the lengths and the sizes.
+    """
+    device, dtype = _resolve(device, dtype)
+    cfg = configs.get(config) if isinstance(config, str) else config
+    H, H_kv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    B = batch_size
+    lengths = mixed_lengths(B, low, high, seed=seed)
+    calls = 1 + warmup + repeats                      # each call decodes one more token of every sequence
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, device=device, dtype=dtype)
+
+    # The same keys and values in both caches.
+    longest = max(lengths)
+    dense = KVCache(B, H_kv, longest + calls, D, dtype=dtype, device=device)
+    blocks = BlockManager(sum(math.ceil((n + calls) / block_size) for n in lengths), block_size)
+    paged = PagedKVCache(blocks, H_kv, D, dtype=dtype, device=device)
+    seqs = []
+    for b, n in enumerate(lengths):
+        k, v = rand(1, H_kv, n, D), rand(1, H_kv, n, D)
+        dense.buffers["k"][b, :, longest - n : longest] = k[0]       # left-padded: every row ends at `longest`
+        dense.buffers["v"][b, :, longest - n : longest] = v[0]
+        seqs.append(blocks.add())
+        blocks.select([seqs[-1]])
+        blocks.begin(n)
+        paged.update(k, v)
+    dense.length = longest
+    not_padding = torch.arange(longest + calls, device=device) >= longest - torch.tensor(lengths, device=device).unsqueeze(1)
+    not_padding = not_padding[:, None, None, :]                             # (B, 1, 1, S_max)
+    blocks.select(seqs)
+    steps = [(rand(B, H, 1, D), rand(B, H_kv, 1, D), rand(B, H_kv, 1, D)) for _ in range(calls)]
+    dense_turns, paged_turns = iter(steps), iter(steps)
+
+    def dense_step():
+        q, k_new, v_new = next(dense_turns)
+        k, v = dense.update(k_new, v_new)                                   # (B, H_kv, S, D)
+        return scaled_dot_product_attention(q, k, v, mask=not_padding[..., : dense.length], fused=True)
+
+    def paged_step():
+        q, k_new, v_new = next(paged_turns)
+        blocks.begin(1)
+        k_pool, v_pool = paged.update(k_new, v_new)
+        return paged.attend(q, k_pool, v_pool, fused=True)
+
+    diff = _relative_diff(paged_step(), dense_step())                       # the first step, checked
+    times = measure({"dense": dense_step, "paged": paged_step}, device=device, repeats=repeats, warmup=warmup)
+    d_s, p_s = _median(times["dense"]), _median(times["paged"])
+    held = sum(lengths) + calls * B
+    return {
+        "config": cfg.name,
+        "batch_size": B,
+        "lengths": lengths,
+        "block_size": block_size,
+        "decode_steps": calls,
+        "dense_seconds": d_s,
+        "paged_seconds": p_s,
+        "dense_times": times["dense"],
+        "paged_times": times["paged"],
+        "ratio": d_s / p_s,
+        "dense_bytes": dense.nbytes,
+        "paged_bytes": paged.nbytes,
+        "used_bytes": held * paged.bytes_per_token,
+        "relative_diff": diff,
+    }
+
+
 # --- Everything, side by side ------------------------------------------------------------
 
 QUICK = dict(
     contexts=(1024, 4096, 16384), repeats=5, gqa_context=16384, mla_context=4096,
-    new_tokens=32, smollm2_repeats=3, transformers_weights="kqv",
+    new_tokens=32, smollm2_repeats=3, transformers_weights="kqv", paged_longest=2048,
 )
 FULL = dict(
     contexts=(1024, 2048, 4096, 8192, 16384, 32768), repeats=7, gqa_context=32768, mla_context=8192,
-    new_tokens=64, smollm2_repeats=5, transformers_weights="gguf",
+    new_tokens=64, smollm2_repeats=5, transformers_weights="gguf", paged_longest=4096,
 )
 
 
@@ -849,6 +962,20 @@ def run(
         else:
             result["smollm2"] = smol
             result["smollm2_kqv_vs_transformers"] = smol["ratio"]
+    result["paged_vs_dense_decode"] = None
+    if "paged" in skip:
+        result["skipped"]["paged_vs_dense_decode"] = "skipped on request (--skip paged)"
+    else:
+        longest = sizes["paged_longest"]
+        log(f"paged against dense decode: 32 sequences of 64 to {longest} tokens, and of {longest // 2} each")
+        paged = paged_vs_dense_decode(high=longest, device=device, dtype=dtype, repeats=sizes["repeats"])
+        # The same with equal lengths, where padding costs dense nothing: what reading blocks costs.
+        equal = paged_vs_dense_decode(
+            low=longest // 2, high=longest // 2, device=device, dtype=dtype, repeats=sizes["repeats"]
+        )
+        keys = ("dense_seconds", "paged_seconds", "ratio", "dense_bytes", "paged_bytes", "relative_diff")
+        result["paged"] = {**paged, "equal_lengths": {"length": longest // 2, **{k: equal[k] for k in keys}}}
+        result["paged_vs_dense_decode"] = paged["ratio"]
     result["meta"]["load_average_at_end"] = _load_average()
     result["meta"]["wall_seconds"] = time.perf_counter() - started
     return result
@@ -915,6 +1042,16 @@ def format_table(result: dict) -> str:
             f"transformers {s['transformers_tokens_per_second']:.1f} tok/s "
             f"(weights via {s['transformers_weights']}; same tokens: {s['same_tokens']})"
         )
+    p = result.get("paged")
+    if p:
+        eq = p["equal_lengths"]
+        lines += [
+            f"Paged decode, {p['batch_size']} sequences of {min(p['lengths'])} to {max(p['lengths'])} tokens "
+            f"(blocks of {p['block_size']}): paged {p['paged_seconds'] * 1e3:.2f} ms holding "
+            f"{_si(p['paged_bytes'], 'B')}, dense {p['dense_seconds'] * 1e3:.2f} ms holding {_si(p['dense_bytes'], 'B')}",
+            f"  all {eq['length']} tokens long (no padding to save): paged {eq['paged_seconds'] * 1e3:.2f} ms, "
+            f"dense {eq['dense_seconds'] * 1e3:.2f} ms (ratio {eq['ratio']:.2f})",
+        ]
     lines += ["", f"{'ratio':<30}{'measured':>10}{'goal':>8}"]
     for key, goal in result["goals"].items():
         value = result.get(key)
@@ -937,6 +1074,7 @@ def format_markdown(result: dict) -> str:
         "gqa_fused_vs_repeat": "GQA decode: kqv vs repeat_kv + SDPA",
         "mla_absorbed_vs_naive": "MLA decode: absorbed vs naive",
         "smollm2_kqv_vs_transformers": "SmolLM2-135M tokens/s: kqv vs transformers",
+        "paged_vs_dense_decode": "Decode of 32 mixed-length sequences: paged vs dense cache",
     }
     lines = [
         f"Measured {m['date'][:10]} with `python -m kqv.bench{' --quick' if m['quick'] else ''}` on "
@@ -966,6 +1104,16 @@ def format_markdown(result: dict) -> str:
                 f"{r['seconds'] * 1e3:.2f} ms | {r['floor_seconds'] * 1e3:.2f} ms | {r['bound']} | "
                 f"{r['roofline_fraction']:.2f} |"
             )
+    p = result.get("paged")
+    if p:
+        eq = p["equal_lengths"]
+        lines += [
+            "",
+            f"Paged decode ({p['batch_size']} sequences of {min(p['lengths'])} to {max(p['lengths'])} tokens, blocks of "
+            f"{p['block_size']}): paged {p['paged_seconds'] * 1e3:.2f} ms per step holding {_si(p['paged_bytes'], 'B')}, "
+            f"dense {p['dense_seconds'] * 1e3:.2f} ms holding {_si(p['dense_bytes'], 'B')}; with every sequence "
+            f"{eq['length']} tokens long, paged {eq['paged_seconds'] * 1e3:.2f} ms, dense {eq['dense_seconds'] * 1e3:.2f} ms.",
+        ]
     return "\n".join(lines)
 
 
@@ -973,7 +1121,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m kqv.bench",
         description="Decode benchmarks: roofline of MHA/GQA/MQA/MLA, GQA without copies, "
-        "MLA absorption, SmolLM2 against transformers.",
+        "MLA absorption, SmolLM2 against transformers, paged against dense caches.",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes: under two minutes on a 2-core CPU")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
@@ -989,7 +1137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--transformers-weights", choices=["gguf", "kqv"],
         help="how transformers gets SmolLM2's weights: its own GGUF loader (full run) or kqv's tensors (--quick)",
     )
-    parser.add_argument("--skip", nargs="+", default=[], choices=["smollm2"], help="benchmarks to leave out")
+    parser.add_argument("--skip", nargs="+", default=[], choices=["smollm2", "paged"], help="benchmarks to leave out")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()

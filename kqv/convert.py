@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -419,7 +420,8 @@ class DecoupledRopeLatentAttention(nn.Module):
         scores = scores + torch.einsum("bgqtr,bgsr->bgqts", qr, k_rope)           # RoPE part, per KV head
         scores = scores * self.scale
         scores = scores.masked_fill(~causal_mask(T, S, c.device), float("-inf"))
-        weights = torch.softmax(scores.float(), dim=-1).to(c.dtype)               # (B, H_kv, q_per_kv, T, S)
+        exact = torch.promote_types(scores.dtype, torch.float32)                  # half precision up, float64 kept
+        weights = torch.softmax(scores.to(exact), dim=-1).to(c.dtype)             # (B, H_kv, q_per_kv, T, S)
         o_latent = torch.einsum("bgqts,bsc->bgqtc", weights, c)                   # (B, H_kv, q_per_kv, T, d_c)
         out = torch.einsum("bgqtc,gvc->bgqtv", o_latent, W_uv)                    # (B, H_kv, q_per_kv, T, D)
         return out.flatten(1, 2), weights.flatten(1, 2)                           # (B, H, T, D), (B, H, T, S)
@@ -555,6 +557,14 @@ def joint_low_rank(
     carry most of the energy, and the plain SVD spends its rank on directions
     the model never uses.
 
+    How many calibration tokens: N tokens span at most N of the ``hidden``
+    input directions, so with N < hidden the activations' Gram matrix
+    ``X^T X`` is rank-deficient and the fit learns nothing about the
+    directions the calibration text never visited (a :class:`UserWarning`
+    says so). Several times the hidden width is advised (for SmolLM2, width
+    576, a few thousand tokens); the more directions the text covers, the less
+    the fit depends on it.
+
     Computed in float64 on the CPU (exact and available on every backend);
     returned in the weight's dtype and on its device.
     """
@@ -565,6 +575,14 @@ def joint_low_rank(
         )
     if inputs is not None and (inputs.dim() != 2 or inputs.shape[1] != hidden):
         raise ValueError(f"inputs must have shape (N, {hidden}), got {tuple(inputs.shape)}")
+    if inputs is not None and inputs.shape[0] < hidden:
+        warnings.warn(
+            f"joint_low_rank: {inputs.shape[0]} calibration tokens for a hidden width of {hidden}: "
+            f"the activations' Gram matrix has rank at most {inputs.shape[0]}, so the fit ignores the input "
+            f"directions the text never visits; use several times {hidden} tokens",
+            UserWarning,
+            stacklevel=2,
+        )
     W = weight.detach().to("cpu", torch.float64)
     with _one_thread():
         if inputs is None:
@@ -608,7 +626,9 @@ def gqa_to_latent(
         model: a :class:`kqv.model.Decoder` with :class:`kqv.Attention` layers.
         rank: d_c, the cached width per token and layer.
         calibration: token ids (B, T) of a text; fit each layer to the
-            activations it sees there (see :func:`joint_low_rank`). None: plain SVD.
+            activations it sees there (see :func:`joint_low_rank`; B * T should
+            be several times the hidden width, and fewer tokens than the width
+            warn). None: plain SVD.
 
     Returns:
         A new decoder whose layers hold :class:`LatentKVAttention`; the input is unchanged.

@@ -19,6 +19,14 @@ induction          weight on the token *after* an earlier copy of the current
                    one: [A][B] ... [A] -> look at [B], the copying mechanism
 =================  ==========================================================
 
+The first two are averaged over the queries from :data:`FIRST_QUERY` (4) on.
+The first rows cannot tell heads apart: query 0 sees only token 0, query 1's
+previous token *is* token 0 (so a sink head would score as a previous-token
+head and the other way round), and query t has only t + 1 keys, so a head
+with no preference at all already puts 1 / (t + 1) on token 0 and on the
+previous token: 1/2, 1/3, 1/4 for the queries 1, 2, 3. From query 4 on that
+chance level is at most 1/5.
+
 Every function returns plain tensors, lists and dicts that the book can put in
 a table or a heat map. Shapes: a model's maps are (L, H, T, T) for a batch of
 one, L layers and H query heads.
@@ -35,6 +43,7 @@ import torch
 from torch import nn
 
 __all__ = [
+    "FIRST_QUERY",
     "hidden_states",
     "attention_maps",
     "attention_weights",
@@ -146,16 +155,29 @@ def _check_maps(maps: torch.Tensor) -> int:
     return T
 
 
-def previous_token_score(maps: torch.Tensor) -> torch.Tensor:
-    """Mean weight on the token just before, over queries 1 .. T-1: (..., H, T, T) -> (..., H)."""
-    _check_maps(maps)
-    return maps.diagonal(offset=-1, dim1=-2, dim2=-1).mean(-1)
+FIRST_QUERY = 4
+"""The first query that :func:`previous_token_score` and :func:`first_token_score` count (see the module docstring)."""
 
 
-def first_token_score(maps: torch.Tensor) -> torch.Tensor:
-    """Mean weight on token 0, over queries 1 .. T-1 (query 0 can see only it): (..., H)."""
-    _check_maps(maps)
-    return maps[..., 1:, 0].mean(-1)
+def _check_first_query(T: int, first_query: int) -> None:
+    if not 2 <= first_query < T:
+        raise ValueError(
+            f"first_query must be at least 2 (query 1's previous token is token 0) and below T={T}, got {first_query}"
+        )
+
+
+def previous_token_score(maps: torch.Tensor, *, first_query: int = FIRST_QUERY) -> torch.Tensor:
+    """Mean weight on the token just before, over queries first_query .. T-1: (..., H, T, T) -> (..., H)."""
+    T = _check_maps(maps)
+    _check_first_query(T, first_query)
+    return maps.diagonal(offset=-1, dim1=-2, dim2=-1)[..., first_query - 1 :].mean(-1)  # entry t-1: query t
+
+
+def first_token_score(maps: torch.Tensor, *, first_query: int = FIRST_QUERY) -> torch.Tensor:
+    """Mean weight on token 0, over queries first_query .. T-1: (..., H, T, T) -> (..., H)."""
+    T = _check_maps(maps)
+    _check_first_query(T, first_query)
+    return maps[..., first_query:, 0].mean(-1)
 
 
 def punctuation_score(maps: torch.Tensor, is_punctuation: torch.Tensor) -> torch.Tensor:
@@ -266,12 +288,14 @@ def head_scores(
     *,
     random_tokens: int = 32,
     seed: int = 0,
+    first_query: int = FIRST_QUERY,
 ) -> dict[str, torch.Tensor]:
     """Score every head of every layer for each kind of head, (L, H) per kind.
 
-    Two prompts: ``text`` for previous_token, first_token and punctuation;
-    a repeated random sequence (:func:`repeated_random_tokens`, ``2 *
-    random_tokens`` ids) for duplicate_token and induction.
+    Two prompts: ``text`` for previous_token, first_token and punctuation
+    (the first two from query ``first_query`` on); a repeated random
+    sequence (:func:`repeated_random_tokens`, ``2 * random_tokens`` ids) for
+    duplicate_token and induction.
 
     Returns:
         A dict from the kind's name to a CPU float tensor (L, H).
@@ -286,8 +310,8 @@ def head_scores(
     )
     rep_maps = attention_maps(model, rep)                                    # (L, H, 2n, 2n)
     scores = {
-        "previous_token": previous_token_score(maps),
-        "first_token": first_token_score(maps),
+        "previous_token": previous_token_score(maps, first_query=first_query),
+        "first_token": first_token_score(maps, first_query=first_query),
         "punctuation": punctuation_score(maps, punctuation_mask(tokenizer, ids)),
         "duplicate_token": duplicate_token_score(rep_maps, rep),
         "induction": induction_score(rep_maps, rep),

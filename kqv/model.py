@@ -41,8 +41,12 @@ def make_attention(config: ModelConfig, *, absorb: bool = False, fused: bool = T
             config.hidden_size, config.num_heads,
             q_lora_rank=config.q_lora_rank, kv_lora_rank=config.kv_lora_rank,
             qk_nope_head_dim=config.qk_nope_head_dim, qk_rope_head_dim=config.qk_rope_head_dim,
-            v_head_dim=config.v_head_dim, rope_theta=config.rope_theta or 10000.0, absorb=absorb,
-            eps=config.rms_norm_eps,
+            v_head_dim=config.v_head_dim, rope_theta=config.rope_theta or 10000.0,
+            rope_scaling=config.rope_scaling, absorb=absorb, eps=config.rms_norm_eps,
+        )
+    if config.rope_scaling is not None:
+        raise ValueError(
+            f"{config.name}: kqv.Attention has plain RoPE only, but the config asks for {config.rope_scaling}"
         )
     return Attention(
         config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim,
@@ -133,7 +137,9 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         # Every layer rotates by the same angles: resolve the positions (checked
         # against the cache) and compute RoPE's cosines and sines once, not per layer.
-        positions = resolve_positions(positions, B, T, None if cache is None else cache.length, input_ids.device)
+        positions = resolve_positions(positions, B, T, None if cache is None else cache.next_position, input_ids.device)
+        if cache is not None:
+            cache.begin(B, T)  # a paged cache reserves the new tokens' slots in every layer at once
         angles = self.layers[0].self_attn.rope_angles(positions)             # (T, d/2) each, or None
         h = self.embed_tokens(input_ids)                                     # (B, T, hidden)
         for i, layer in enumerate(self.layers):
@@ -149,6 +155,7 @@ class Decoder(nn.Module):
         use_cache: bool = True,
         prefill_chunk: int | None = None,
         eos_token_id: int | None = None,
+        cache: ModelCache | None = None,
     ) -> torch.Tensor:
         """Greedy decoding: the prompt (B, T) and up to ``max_new_tokens`` more, (B, T + N).
 
@@ -156,6 +163,10 @@ class Decoder(nn.Module):
         given), then one token per step. Without it: the whole sequence is run
         again for every new token, which gives the same tokens, slower.
         Stops early once every sequence has produced ``eos_token_id``.
+
+        ``cache``: decode into this (empty) model cache, such as a paged,
+        quantized or sliding-window one (:mod:`kqv.paged`, :mod:`kqv.quant`,
+        :mod:`kqv.window`); by default a new dense cache of T + N tokens.
 
         Runs in ``torch.inference_mode`` (no autograd bookkeeping at all, a
         little faster than ``no_grad``): the tokens it returns are inference
@@ -167,9 +178,10 @@ class Decoder(nn.Module):
         tokens = input_ids
         if max_new_tokens == 0:
             return tokens
-        cache = None
+        if cache is not None and not use_cache:
+            raise ValueError("a cache was given but use_cache=False")
         if use_cache:
-            cache = self.new_cache(B, T + max_new_tokens)
+            cache = self.new_cache(B, T + max_new_tokens) if cache is None else cache
             chunk = prefill_chunk or T
             for start in range(0, T, chunk):
                 logits = self(input_ids[:, start : start + chunk], cache=cache)

@@ -419,7 +419,9 @@ def _narrow_svg(fig: Figure) -> str | None:
             if _labels_collide(fig):
                 return None
         fig.set_size_inches(size)
-        return to_svg(fig, width_in=NARROW_IN)
+        svg = to_svg(fig, width_in=NARROW_IN)
+        # A legend or label outside the axes can make the cropped picture wider than a phone's column.
+        return svg if _svg_width_px(svg) <= NARROW_IN * 96 * 1.04 else None
     finally:
         fig.set_size_inches(size)
         for t, rotation, align in rotations:

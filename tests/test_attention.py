@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import kqv
+from kqv import attention
 from kqv.attention import causal_mask, repeat_kv, scaled_dot_product_attention
 
 from conftest import TOL
@@ -53,7 +54,7 @@ def test_is_causal_decode_matches_unmasked(device):
 
 # --- eager equals fused equals a from-scratch reference ----------------------
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", [torch.float64, *DTYPES])
 @pytest.mark.parametrize("heads", [(4, 4), (8, 2), (6, 1), (6, 3)])
 @pytest.mark.parametrize("shape", [(5, 5), (1, 9), (3, 11)])
 def test_eager_equals_fused_equals_reference(device, dtype, heads, shape):
@@ -66,29 +67,134 @@ def test_eager_equals_fused_equals_reference(device, dtype, heads, shape):
     fused = scaled_dot_product_attention(q, k, v, is_causal=True, fused=True)
     assert eager.dtype == fused.dtype == dtype
     assert eager.shape == fused.shape == (2, H, T, 12)
-    assert torch.allclose(eager.double(), ref, atol=TOL[dtype] * 4)
-    assert torch.allclose(fused.double(), ref, atol=TOL[dtype] * 4)
+    tol = dict(atol=TOL[dtype] * 4, rtol=min(TOL[dtype], 1e-5))  # float64: 4e-12 and 1e-12, nothing rounded to float32
+    assert torch.allclose(eager.double(), ref, **tol)
+    assert torch.allclose(fused.double(), ref, **tol)
+
+
+# Masks broadcastable to (B, H, T, S) = (2, 6, 4, 6): shared by every head or not, by every batch row or not.
+MASK_SHAPES = {
+    "keys (S,)": (6,),
+    "shared (T, S)": (4, 6),
+    "per batch row (B, 1, T, S)": (2, 1, 4, 6),
+    "per head (H, T, S)": (6, 4, 6),
+    "per head (1, H, T, S)": (1, 6, 4, 6),
+    "per batch row and head (B, H, T, S)": (2, 6, 4, 6),
+}
 
 
 @pytest.mark.parametrize("fused", [False, True])
-@pytest.mark.parametrize("mask_kind", ["bool", "float", "bool+causal"])
-def test_masks(device, fused, mask_kind):
+@pytest.mark.parametrize("kind", ["bool", "float", "bool+causal"])
+@pytest.mark.parametrize("shape", list(MASK_SHAPES.values()), ids=list(MASK_SHAPES))
+def test_masks(device, fused, kind, shape):
     H, H_kv, T, S = 6, 2, 4, 6
     q = torch.randn(2, H, T, 8, device=device)
     k, v = torch.randn(2, H_kv, S, 8, device=device), torch.randn(2, H_kv, S, 8, device=device)
-    keep = torch.rand(2, 1, T, S, device=device) > 0.3
+    keep = torch.rand(shape, device=device) > 0.3
     keep[..., -1] = True  # every query keeps at least its own (last) key
-    if mask_kind == "float":
-        mask = torch.randn(2, H, T, S, device=device)
+    if kind == "float":
+        mask = torch.randn(shape, device=device)
         expected = reference_attention(q, k, v, mask=mask)
         out = scaled_dot_product_attention(q, k, v, mask=mask, fused=fused)
-    elif mask_kind == "bool":
+    elif kind == "bool":
         expected = reference_attention(q, k, v, mask=keep)
         out = scaled_dot_product_attention(q, k, v, mask=keep, fused=fused)
     else:
         expected = reference_attention(q, k, v, mask=keep & causal_mask(T, S, device))
         out = scaled_dot_product_attention(q, k, v, mask=keep, is_causal=True, fused=fused)
     assert torch.allclose(out.double(), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "shape, folded",
+    [
+        ((4, 6), (3 * 4, 6)),                  # shared by all: its rows tiled once per query head of a group
+        ((2, 1, 4, 6), (2, 1, 3 * 4, 6)),      # per batch row: still not expanded over heads
+        ((1, 6, 4, 6), (1, 2, 3 * 4, 6)),      # per head: folded like the queries, not expanded over batch
+        ((6,), (3 * 4, 6)),                    # per key: one row, expanded to T rows then tiled
+    ],
+)
+def test_fold_mask_never_expands_over_batch_or_heads(shape, folded):
+    """H = 6 query heads, H_kv = 2, q_per_kv = 3, T = 4, S = 6: the mask the fused kernel gets."""
+    mask = torch.rand(shape) > 0.5
+    out = attention._fold_mask(mask, 3, 4, 6)
+    assert tuple(out.shape) == folded
+    # Row j * T + t of KV head g is query head g * q_per_kv + j, row t.
+    full = mask.expand(2, 6, 4, 6)
+    got = out.expand(2, 2, 12, 6).unflatten(-2, (3, 4)).flatten(1, 2)   # (B, H, T, S)
+    assert torch.equal(got, full)
+
+
+# --- no copies of K/V, in memory ------------------------------------------------
+
+def peak_memory(fn, device):
+    """Bytes allocated at the peak of fn(), above what was allocated before it."""
+    if device.type == "cuda":
+        fn()  # once first: cuBLAS allocates its workspace through PyTorch's allocator on first use
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    # On a CPU, PyTorch's profiler records every allocation and free with its size.
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        if e.tag == _EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.alloc_size))  # negative for a free
+        stack.extend(e.children)
+    now = peak = 0
+    for _, size in sorted(events):
+        now += size
+        peak = max(peak, now)
+    return peak
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("T", [1, 4])
+@pytest.mark.parametrize("H_kv", [2, 1])
+def test_grouped_attention_never_copies_kv(device, H_kv, T, fused):
+    """Decoding (T = 1) or a chunk (T = 4) against a long cache needs a few score-sized tensors, no more.
+
+    A path that copied K once per query head of a group would need q_per_kv
+    times K (64 MiB for H_kv = 2 here, 8 per KV head); the bound is well
+    under half of that.
+    """
+    B, H, S, D = 1, 8, 16384, 128
+    q = torch.randn(B, H, T, D, device=device)
+    k, v = torch.randn(B, H_kv, S, D, device=device), torch.randn(B, H_kv, S, D, device=device)
+    scores = B * H * T * S * 4                                  # one float32 (B, H, T, S)
+    bound = 4 * scores + T * S + 2**16                          # a few of them, a (T, S) mask, small change
+    assert bound < (H // H_kv) * k.nbytes / 2
+    peak = peak_memory(lambda: scaled_dot_product_attention(q, k, v, is_causal=True, fused=fused), device)
+    assert peak <= bound, f"peak {peak / 2**20:.1f} MiB, bound {bound / 2**20:.1f} MiB, K is {k.nbytes / 2**20:.0f} MiB"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads", [(8, 8), (8, 2), (8, 1)])
+@pytest.mark.parametrize("T, S", [(16, 16), (5, 16)], ids=["prefill", "chunk"])
+def test_cuda_causal_prefill_and_chunks_run_on_flash(dtype, heads, T, S):
+    """No mask tensor on a GPU: a full prefill and a chunk of one (bottom-right causal) both use flash."""
+    from torch.profiler import ProfilerActivity, profile
+
+    (H, H_kv), device = heads, torch.device("cuda")
+    q = torch.randn(2, H, T, 64, device=device, dtype=dtype)
+    k, v = torch.randn(2, H_kv, S, 64, device=device, dtype=dtype), torch.randn(2, H_kv, S, 64, device=device, dtype=dtype)
+    if not attention._flash_takes(q, k, v, H // H_kv):
+        pytest.skip("PyTorch has no flash kernel for these inputs on this GPU")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        out = scaled_dot_product_attention(q, k, v, is_causal=True, fused=True)
+    names = {e.name for e in prof.events()}
+    assert any("flash_attention" in n for n in names), sorted(names)
+    expected = reference_attention(q, k, v, mask=causal_mask(T, S, device))
+    assert torch.allclose(out.double(), expected, atol=TOL[dtype] * 4)
 
 
 def test_eager_returns_weights_that_sum_to_one(device):

@@ -21,7 +21,10 @@ import torch
 from kqv import bench
 
 ROOT = Path(__file__).resolve().parents[1]
-RATIOS = ["decode_roofline_fraction", "gqa_fused_vs_repeat", "mla_absorbed_vs_naive", "smollm2_kqv_vs_transformers"]
+RATIOS = [
+    "decode_roofline_fraction", "gqa_fused_vs_repeat", "mla_absorbed_vs_naive", "smollm2_kqv_vs_transformers",
+    "paged_vs_dense_decode",
+]
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +146,29 @@ def test_smollm2_generates_the_same_tokens_in_both(quick_run):
     assert close(result["smollm2_kqv_vs_transformers"], s["kqv_tokens_per_second"] / s["transformers_tokens_per_second"])
 
 
+def test_paged_decode_holds_less_and_agrees_with_dense(quick_run):
+    result, table = quick_run
+    p = result["paged"]
+    assert p["batch_size"] == 32 and len(p["lengths"]) == 32 and len(set(p["lengths"])) > 1  # mixed lengths
+    assert positive(p["dense_seconds"]) and positive(p["paged_seconds"])
+    assert close(result["paged_vs_dense_decode"], p["dense_seconds"] / p["paged_seconds"])
+    assert p["used_bytes"] <= p["paged_bytes"] < p["dense_bytes"]  # strictly less memory held
+    # paging wastes less than one block per sequence
+    per_token = p["used_bytes"] // (sum(p["lengths"]) + 32 * p["decode_steps"])
+    assert p["paged_bytes"] - p["used_bytes"] < 32 * p["block_size"] * per_token
+    tol = 1e-4 if result["meta"]["dtype"] == "float32" else 5e-2
+    assert p["relative_diff"] < tol
+    eq = p["equal_lengths"]
+    assert close(eq["ratio"], eq["dense_seconds"] / eq["paged_seconds"]) and eq["relative_diff"] < tol
+    assert "Paged decode" in table
+
+
+def test_paged_decode_is_notebook_sized():
+    r = bench.paged_vs_dense_decode(batch_size=4, low=5, high=40, block_size=4, repeats=2, warmup=1, device="cpu")
+    assert len(r["lengths"]) == 4 and len(r["dense_times"]) == 2
+    assert r["relative_diff"] < 1e-5 and r["paged_bytes"] < r["dense_bytes"]
+
+
 @pytest.mark.parametrize("cold", [False, True])
 def test_decode_step_times_is_notebook_sized(cold):
     rows = bench.decode_step_times(["MHA", "MQA", "MLA"], [16, 64], repeats=2, warmup=1, cold=cold, device="cpu")
@@ -213,7 +239,7 @@ def test_decode_step_times_rejects_unknown_variants():
 # --- the CPU decode path the benchmark relies on (kqv.attention._split_kv) -------------
 
 @pytest.mark.parametrize("B, H, H_kv, S", [(1, 32, 1, 2100), (1, 8, 2, 1537), (3, 16, 1, 1100)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_cpu_split_kv_decode_equals_eager(B, H, H_kv, S, dtype):
     """Slices of the keys attended apart and merged by log-sum-exp give the eager result."""
     from conftest import TOL
@@ -221,15 +247,16 @@ def test_cpu_split_kv_decode_equals_eager(B, H, H_kv, S, dtype):
 
     q = torch.randn(B, H, 1, 64, dtype=dtype)
     k, v = torch.randn(B, H_kv, S, 64, dtype=dtype), torch.randn(B, H_kv, S, 64, dtype=dtype)
-    eager = scaled_dot_product_attention(q, k, v, is_causal=True).float()
+    eager = scaled_dot_product_attention(q, k, v, is_causal=True).double()
+    tol = dict(atol=TOL[dtype], rtol=min(TOL[dtype], 1e-5))  # float64: merged in float64 too
     q_f = q.reshape(B, H_kv, H // H_kv, 64)
     for splits in (2, 3, 7):  # 1537 and 2100 keys leave a remainder
         out = _split_kv(q_f, k, v, 0.125, splits).reshape(B, H, 1, 64)
-        assert torch.allclose(out.float(), eager, atol=TOL[dtype]), splits
+        assert torch.allclose(out.double(), eager, **tol), splits
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)  # so that the fused path takes the split
         fused = scaled_dot_product_attention(q, k, v, is_causal=True, fused=True)
     finally:
         torch.set_num_threads(threads)
-    assert torch.allclose(fused.float(), eager, atol=TOL[dtype])
+    assert torch.allclose(fused.double(), eager, **tol)

@@ -70,20 +70,20 @@ def test_binder_installs_the_pinned_versions():
 def test_repository_is_named_in_one_place():
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     url = config["repository"]["url"]
-    assert url == "https://github.com/kqv-book/kqv"
-    assert config["repository"]["branch"] == "main"
+    assert url.startswith("https://github.com/"), f"repository.url {url!r}: the launch buttons need a GitHub URL"
+    assert config["repository"]["branch"]
     launch = config["launch_buttons"]
     assert launch["binderhub_url"] and launch["colab_url"], "Binder and Colab launch buttons are configured"
     # No page hard-codes the repository: launch buttons and install cells derive it from _config.yml.
     for page in BOOK.rglob("*.md"):
-        assert "github.com/kqv-book" not in page.read_text(), f"{page} hard-codes the repository URL"
+        assert url.rstrip("/") not in page.read_text(), f"{page} hard-codes the repository URL"
 
 
 def test_chapters_are_named_as_planned():
     planned = {
         "01_attention_as_search", "02_the_library", "03_multi_head_attention", "04_kv_cache",
-        "05_multi_query_attention", "06_grouped_query_attention", "07_multi_head_latent_attention",
-        "08_showdown",
+        "06_multi_query_attention", "07_grouped_query_attention", "08_multi_head_latent_attention",
+        "09_showdown",
     }
     present = {p.stem for p in (BOOK / "chapters").glob("*.ipynb")}
     assert "01_attention_as_search" in present

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from kqv import configs
-from kqv.configs import ModelConfig, kv_elements_per_token
+from kqv.configs import ModelConfig, YaRN, kv_elements_per_token
+from kqv.model import make_attention
 
 
 def test_article_figures_per_token_per_layer():
@@ -55,6 +56,70 @@ def test_published_configs(name, layers, hidden, heads, kv_heads, head_dim):
     c = configs.get(name)
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (layers, hidden, heads, kv_heads, head_dim)
     assert c.source
+
+
+# Published attention shapes: layers l, heads H, KV heads H_kv, head width D; MLA: d_c, d_r, d_q.
+MQA_MODELS = [
+    # name, l, hidden, H, H_kv, D
+    ("paper/PaLM-540B", 118, 18432, 48, 1, 256),        # D = 256, not 18432 / 48 = 384
+    ("tiiuae/falcon-7b", 32, 4544, 71, 1, 64),
+    ("bigcode/starcoder", 40, 6144, 48, 1, 128),
+    ("google/gemma-2b", 18, 2048, 8, 1, 256),
+]
+MLA_MODELS = [
+    # name, l, hidden, H, d_c, d_r, d_q, D_nope, D_v
+    ("deepseek-ai/DeepSeek-V2", 60, 5120, 128, 512, 64, 1536, 128, 128),
+    ("deepseek-ai/DeepSeek-V2-Lite", 27, 2048, 16, 512, 64, None, 128, 128),
+    ("deepseek-ai/DeepSeek-V3", 61, 7168, 128, 512, 64, 1536, 128, 128),
+    ("moonshotai/Kimi-K2-Instruct", 61, 7168, 64, 512, 64, 1536, 128, 128),
+    ("openbmb/MiniCPM3-4B", 62, 2560, 40, 256, 32, 768, 64, 64),
+]
+
+
+@pytest.mark.parametrize("name, layers, hidden, heads, kv_heads, head_dim", MQA_MODELS)
+def test_mqa_models(name, layers, hidden, heads, kv_heads, head_dim):
+    """One KV head each: the calculator keeps 2 * D numbers per token per layer, 2 * D * l in all."""
+    c = configs.get(name)
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (layers, hidden, heads, kv_heads, head_dim)
+    assert c.attention == "MQA" and c.source
+    assert kv_elements_per_token(c, per_layer=True) == 2 * head_dim
+    assert configs.kv_bytes_per_token(c, torch.bfloat16) == 2 * head_dim * layers * 2
+
+
+@pytest.mark.parametrize("name, layers, hidden, heads, d_c, d_r, d_q, d_nope, d_v", MLA_MODELS)
+def test_mla_models(name, layers, hidden, heads, d_c, d_r, d_q, d_nope, d_v):
+    """(d_c + d_r) numbers per token per layer, whatever the number of heads."""
+    c = configs.get(name)
+    got = (c.num_layers, c.hidden_size, c.num_heads, c.kv_lora_rank, c.qk_rope_head_dim, c.q_lora_rank,
+           c.qk_nope_head_dim, c.v_head_dim)
+    assert got == (layers, hidden, heads, d_c, d_r, d_q, d_nope, d_v)
+    assert c.attention == "MLA" and c.source
+    assert kv_elements_per_token(c) == (d_c + d_r) * layers
+    assert configs.kv_bytes_per_token(c, "float8_e4m3fn") == (d_c + d_r) * layers
+
+
+def test_deepseek_yarn_and_norm_eps():
+    """The released config.json files: YaRN factor 40 from 4096 tokens, RMSNorm eps 1e-6."""
+    v2, lite, v3 = (configs.get(f"deepseek-ai/DeepSeek-{n}") for n in ("V2", "V2-Lite", "V3"))
+    for c in (v2, lite, v3):
+        y = c.rope_scaling
+        assert (y.factor, y.original_max_position_embeddings, y.beta_fast, y.beta_slow) == (40, 4096, 32, 1)
+        assert c.rms_norm_eps == 1e-6 and c.rope_theta == 10000.0
+    assert v2.rope_scaling.mscale == v2.rope_scaling.mscale_all_dim == lite.rope_scaling.mscale_all_dim == 0.707
+    assert v3.rope_scaling.mscale == v3.rope_scaling.mscale_all_dim == 1.0
+    assert round(v2.rope_scaling.softmax_scale, 3) == 1.59 and round(v3.rope_scaling.softmax_scale, 3) == 1.874
+    # Only the DeepSeek models carry YaRN here.
+    assert {n for n in configs.names() if configs.get(n).rope_scaling} == {v2.name, lite.name, v3.name}
+
+
+def test_rope_scaling_is_checked():
+    c = configs.get("article/MLA")
+    with pytest.raises(TypeError, match=r"rope_scaling must be a kqv.rope.YaRN or None, got \{'type': 'yarn'\}"):
+        c.replace(rope_scaling={"type": "yarn"})
+    with pytest.raises(ValueError, match="rope_theta is None"):
+        c.replace(rope_scaling=YaRN(factor=2, original_max_position_embeddings=8), rope_theta=None)
+    with pytest.raises(ValueError, match=r"article/MHA: kqv.Attention has plain RoPE only"):
+        make_attention(configs.get("article/MHA").replace(rope_scaling=YaRN(factor=2, original_max_position_embeddings=8)))
 
 
 def test_deepseek_widths():

@@ -1,5 +1,7 @@
 """Conversions of a trained GQA model to a smaller cache: pooled KV heads and latent caches."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -10,6 +12,10 @@ from kqv.model import Decoder
 from kqv.convert import DecoupledRopeLatentAttention, LatentKVAttention, LatentKVCache
 
 pytest_plugins = ["conftest_smollm2"]
+
+# These tests calibrate on fewer tokens than SmolLM2's width (576) to stay fast; the
+# warning that says so is tested on its own (test_too_few_calibration_tokens_warn).
+pytestmark = pytest.mark.filterwarnings("ignore:joint_low_rank.*calibration tokens:UserWarning")
 
 PROMPT = "The Earth has three layers: crust, mantle and"
 H_KV, D, HIDDEN, FP32 = 3, 64, 576, 4
@@ -115,6 +121,17 @@ def test_factorization_rank_is_checked():
         convert.joint_low_rank(torch.zeros(24, 40), 25)
 
 
+def test_too_few_calibration_tokens_warn():
+    """Fewer tokens than the hidden width: a rank-deficient Gram matrix, and a warning that names both numbers."""
+    W = torch.randn(24, 40, dtype=torch.float64)
+    with pytest.warns(UserWarning, match=r"30 calibration tokens for a hidden width of 40.*several times 40"):
+        convert.joint_low_rank(W, 8, torch.randn(30, 40, dtype=torch.float64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                           # no warning from here on
+        convert.joint_low_rank(W, 8, torch.randn(160, 40, dtype=torch.float64))
+        convert.joint_low_rank(W, 8)                                             # plain SVD: no tokens at all
+
+
 # --- A latent cache under full RoPE --------------------------------------------------
 
 
@@ -176,6 +193,15 @@ def test_absorbed_path_never_rebuilds_keys_or_values(smol_small, ids):
         layer.self_attn.absorb = False
     model(ids)
     assert len(calls) == 4
+
+
+def test_decoupled_paths_agree_in_float64():
+    """Absorbed equals naive to float64 precision: neither softmax rounds through float32."""
+    absorbed = DecoupledRopeLatentAttention(64, 8, 2, 16, 24, 8).double()
+    naive = DecoupledRopeLatentAttention(64, 8, 2, 16, 24, 8, absorb=False).double()
+    naive.load_state_dict(absorbed.state_dict())
+    x = torch.randn(2, 7, 64, dtype=torch.float64)
+    torch.testing.assert_close(absorbed(x), naive(x), atol=1e-12, rtol=0)
 
 
 def test_decoupled_cache_holds_latent_and_rope_keys(smol_small, ids):

@@ -27,14 +27,36 @@ def one_hot_map(T, key_of):
     return m
 
 
-def test_previous_token_score_of_a_pure_previous_token_map():
-    T = 7
+def test_previous_token_and_sink_heads_do_not_score_as_each_other():
+    """Query 1's previous token is token 0: the scores start later, so a sink is not a previous-token head."""
+    T = 9
     prev = one_hot_map(T, lambda t: max(t - 1, 0))
     first = one_hot_map(T, lambda t: 0)
     assert heads.previous_token_score(prev).item() == pytest.approx(1.0)
-    assert heads.first_token_score(prev).item() == pytest.approx(1 / (T - 1))   # only query 1's previous is 0
     assert heads.first_token_score(first).item() == pytest.approx(1.0)
-    assert heads.previous_token_score(first).item() == pytest.approx(1 / (T - 1))
+    assert heads.first_token_score(prev).item() == 0.0
+    assert heads.previous_token_score(first).item() == 0.0
+    # Counting from query 1, as before, each would score 1 / (T - 1) as the other.
+    assert heads.previous_token_score(first, first_query=2).item() == 0.0
+
+
+def test_a_head_without_preference_scores_near_chance_only():
+    """Uniform weights: query t puts 1 / (t + 1) on each key; the early rows, where that is large, are left out."""
+    T = 12
+    uniform = torch.ones(1, T, T).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    chance = torch.tensor([1 / (t + 1) for t in range(heads.FIRST_QUERY, T)]).mean()
+    assert heads.first_token_score(uniform).item() == pytest.approx(chance.item())
+    assert heads.previous_token_score(uniform).item() == pytest.approx(chance.item())
+    assert heads.first_token_score(uniform).item() < heads.first_token_score(uniform, first_query=2).item()
+
+
+def test_first_query_is_checked():
+    maps = torch.ones(1, 6, 6).tril() / 6
+    with pytest.raises(ValueError, match=r"first_query must be at least 2 .* below T=6, got 1"):
+        heads.previous_token_score(maps, first_query=1)
+    with pytest.raises(ValueError, match="below T=6, got 6"):
+        heads.first_token_score(maps, first_query=6)
 
 
 def test_induction_and_duplicate_scores_on_a_repeated_sequence():

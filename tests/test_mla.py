@@ -45,6 +45,32 @@ def test_half_precision(device, dtype):
     assert torch.allclose(a.float(), b.float(), atol=TOL[dtype] * 10)
 
 
+def test_float64_paths_agree_to_float64_precision(device):
+    """Nothing on either path rounds through float32."""
+    naive, absorbed = pair(24, device, torch.float64)
+    x = torch.randn(2, 7, 64, device=device, dtype=torch.float64)
+    torch.testing.assert_close(naive(x), absorbed(x), atol=1e-12, rtol=0)
+
+
+def test_yarn_sharpens_the_scale_and_leaves_the_paths_equal(device):
+    """With YaRN the scale is 1 / sqrt(D_nope + d_r) times mscale^2; naive still equals absorbed."""
+    from kqv.rope import YaRN
+
+    yarn = YaRN(factor=40, original_max_position_embeddings=64, mscale=0.707, mscale_all_dim=0.707)
+    naive = MultiHeadLatentAttention(64, 4, q_lora_rank=None, rope_scaling=yarn, **WIDTHS).to(device)
+    absorbed = MultiHeadLatentAttention(64, 4, q_lora_rank=None, rope_scaling=yarn, absorb=True, **WIDTHS).to(device)
+    absorbed.load_state_dict(naive.state_dict())
+    assert naive.scale == pytest.approx(yarn.softmax_scale / (16 + 8) ** 0.5)
+    assert "rope_scaling=YaRN(factor=40" in repr(naive)
+    x = torch.randn(2, 7, 64, device=device)
+    assert torch.allclose(naive(x), absorbed(x), atol=1e-5)
+    plain = MultiHeadLatentAttention(64, 4, q_lora_rank=None, **WIDTHS).to(device)
+    plain.load_state_dict(naive.state_dict())
+    assert not torch.allclose(plain(x), naive(x), atol=1e-3)  # the scaling changes the output
+    with pytest.raises(TypeError, match="rope_scaling must be a kqv.rope.YaRN or None"):
+        MultiHeadLatentAttention(64, 4, q_lora_rank=None, rope_scaling={"factor": 40}, **WIDTHS)
+
+
 def test_cache_holds_only_latent_and_rope_key(device):
     _, absorbed = pair(None, device)
     cache = absorbed.new_cache(3, 10, dtype=torch.bfloat16)

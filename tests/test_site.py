@@ -143,21 +143,39 @@ def test_every_image_has_alt_text(page):
 
 
 @pytest.mark.parametrize("page", NOTEBOOK_PAGES, ids=_id)
-def test_notebook_page_has_launch_buttons(page):
+def test_figures_have_alt_text(page):
+    """Figures are inline SVG (tools/book_pages.py): each names what it shows, as an <img> would with alt."""
+    soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+    bare = [svg.get("data-kqv-figure") for svg in soup.select(".kqv-svg svg") if not (svg.get("aria-label") or "").strip()]
+    assert not bare, f"{_id(page)} has figures without a description: {bare}"
+    leftover = [img["src"][:80] for img in soup.find_all("img") if "_images/" in img.get("src", "") and img["src"].endswith(".svg")]
+    assert not leftover, f"{_id(page)}: figures left as <img> (not inlined): {leftover}"
+
+
+@pytest.mark.parametrize("page", NOTEBOOK_PAGES, ids=_id)
+def test_notebook_page_launches_the_learners_notebook(page):
+    """Binder and Colab open notebooks/NN_name.ipynb, and the download button serves that same notebook."""
     config = yaml.safe_load((ROOT / "_config.yml").read_text())
     url = config["repository"]["url"].rstrip("/")
     branch = config["repository"]["branch"]
     owner_repo = urlsplit(url).path.strip("/")
-    notebook = page.relative_to(SITE).with_suffix(".ipynb").as_posix()
-    links = {a.get("href", "") for a in BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser").find_all("a")}
+    notebook = f"notebooks/{page.stem}.ipynb"
+    assert (ROOT / notebook).is_file(), f"{notebook} is missing: run `make notebooks`"
+    soup = BeautifulSoup(page.read_text(encoding="utf-8"), "html.parser")
+    links = {a.get("href", "") for a in soup.find_all("a")}
     binder = f"https://mybinder.org/v2/gh/{owner_repo}/{branch}?urlpath="
     colab = f"https://colab.research.google.com/github/{owner_repo}/blob/{branch}/{notebook}"
-    assert any(link.startswith(binder) and link.endswith(notebook) for link in links), f"no Binder button ({binder}...)"
+    assert any(link.startswith(binder) and link.endswith(notebook) for link in links), f"no Binder button to {notebook}"
     assert colab in links, f"no Colab button ({colab})"
+    assert not any(link.endswith(page.relative_to(SITE).with_suffix(".ipynb").as_posix()) and link.startswith("http")
+                   for link in links), "a launch button still opens the MyST source"
+    downloads = [a["href"] for a in soup.find_all("a") if a.get("href", "").endswith(".ipynb") and "_sources" in a["href"]]
+    assert downloads, "no download button for the notebook"
+    for href in downloads:
+        served = (page.parent / unquote(href)).resolve()
+        assert served.read_bytes() == (ROOT / notebook).read_bytes(), f"the download button serves {href}, not {notebook}"
 
 
 def test_vendored_assets_are_served():
-    for path in ("_static/vendor/mathjax/tex-chtml.js", "_static/vendor/widgets/embed.js"):
-        assert (SITE / path).is_file(), f"{path} is missing from the site"
-    embed = (SITE / "_static/vendor/widgets/embed.js").read_text(encoding="utf-8")
-    assert "MathJax.Hub" not in embed, "the widget manager still calls MathJax 2's API"
+    assert (SITE / "_static/vendor/mathjax/tex-chtml.js").is_file(), "MathJax is missing from the site"
+    assert not (SITE / "_static/vendor/widgets").exists(), "the site should not serve the ipywidgets manager any more"

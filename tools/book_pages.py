@@ -11,9 +11,9 @@
   mode: pure black ink becomes the text colour and the white paper transparent
   (the same two rules as kqv/web/explore.js). Ids inside each SVG get a prefix
   of their own, so two figures on a page cannot take each other's clip paths.
-- **A warning while the book has no public address** (the repository URL is
-  still the placeholder): printed by ``make book``, not a Sphinx warning, so the
-  build still passes with warnings as errors.
+- (The warning while the book has no public address is tools/publishing.py,
+  printed by ``make book``: not a Sphinx warning, so the build still passes with
+  warnings as errors.)
 """
 
 from __future__ import annotations
@@ -31,7 +31,6 @@ ROOT = Path(__file__).resolve().parent.parent
 READER = ROOT / "notebooks"
 GLUE_PREFIX = "application/papermill.record/"
 NARROW = "--narrow"
-PLACEHOLDER_URL = "https://github.com/kqv-book/kqv"
 IMG = re.compile(r'<img\s+([^>]*?)src="([^"]+\.svg)"([^>]*?)/?>')
 
 

