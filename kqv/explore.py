@@ -483,9 +483,10 @@ def _prompt_scores(maps: torch.Tensor, ids: torch.Tensor, tokenizer) -> dict[str
     flat = ids.reshape(-1)
     copies = (flat[:, None] == flat[None, :]).tril(-1)                      # (T, T): s < t, same token
     punct = heads.punctuation_mask(tokenizer, flat)
+    counted = flat.numel() > heads.FIRST_QUERY  # the first queries cannot tell these two kinds apart
     return {
-        "previous_token": heads.previous_token_score(maps),
-        "first_token": heads.first_token_score(maps),
+        "previous_token": heads.previous_token_score(maps) if counted else None,
+        "first_token": heads.first_token_score(maps) if counted else None,
         "punctuation": heads.punctuation_score(maps, punct) if bool(punct.any()) else None,
         "duplicate_token": heads.duplicate_token_score(maps, flat) if bool(copies.any()) else None,
         # induction wants the token after an earlier copy, and that token must be in the past: s <= t - 2

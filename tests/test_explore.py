@@ -184,6 +184,9 @@ def test_viewer_stores_kqv_heads_maps_and_scores():
     assert running["duplicate_token"] is None and running["induction"] is None  # no token repeats
     assert twice["induction"] is not None and twice["punctuation"] is not None
     assert random["punctuation"] is None
+    short = page_data(explore.attention_viewer(model, tokenizer, {"short": "the cat sat"}, random_tokens=0,
+                                               scores={}))["prompts"][0]["scores"]
+    assert short["previous_token"] is None and short["first_token"] is None  # too few queries to tell
     expected = heads.head_scores(model, tokenizer, PROMPTS["running sentence"], seed=1)
     for kind in data["kinds"]:
         ranked = heads.rank_heads(expected[kind["key"]], top=3)
