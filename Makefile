@@ -81,7 +81,7 @@ test-site: book
 	$(PY) -m pytest -q tests/test_site.py
 
 test-browser: book chromium
-	$(PY) -m pytest -q tests/test_browser.py
+	$(PY) -m pytest -q tests/test_browser.py tests/test_explorers_browser.py
 
 test: test-kqv test-notebooks test-site test-browser
 
