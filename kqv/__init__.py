@@ -72,7 +72,7 @@ __version__ = "0.1.0"
 # Every public submodule, reachable as an attribute: those above are imported
 # already, the others on first access (PEP 562), so ``import kqv`` stays light.
 _SUBMODULES = (
-    "attention", "bench", "cache", "configs", "convert", "device", "diagrams", "evaluate", "explore",
+    "attention", "bench", "cache", "configs", "convert", "corpus", "device", "diagrams", "evaluate", "explore",
     "flash", "heads", "mla", "model", "norm", "paged", "plots", "quant", "rope", "smollm2", "window",
 )
 
