@@ -29,7 +29,6 @@ from .rope import YaRN
 
 __all__ = [
     "ModelConfig",
-    "YaRN",
     "REGISTRY",
     "get",
     "names",
