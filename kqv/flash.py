@@ -47,7 +47,8 @@ exp(L_a) / sum_b exp(L_b), so::
 
 which is exact: :func:`merge_partials`. kqv's CPU decode path
 (``kqv.attention._split_kv``, used by ``scaled_dot_product_attention(...,
-fused=True)``) does the same to keep every core busy.
+fused=True)``) does the same to keep every core busy; :func:`decode_splits`
+says into how many slices it splits a step.
 
 **GQA without copies.** When H_kv < H, the q_per_kv query heads of a group
 all attend to the same K/V head, so they are stacked as extra rows against it:
@@ -94,7 +95,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .attention import _check_qkv, scaled_dot_product_attention
+from .attention import _check_qkv, _fold, _kv_splits, scaled_dot_product_attention
 from .configs import ModelConfig, dtype_bytes
 
 __all__ = [
@@ -104,6 +105,7 @@ __all__ = [
     "tiled_attention",
     "merge_partials",
     "split_kv_decode",
+    "decode_splits",
     "peak_memory",
     "attention_memory",
     "attention_intensity",
@@ -433,6 +435,30 @@ def split_kv_decode(
         lses.append(L_a)                                                                # (B, H, T)
     out, lse = merge_partials(outs, lses)
     return (out, lse) if return_lse else out
+
+
+def decode_splits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
+    """Into how many slices of the keys kqv's fused path splits this decode step on a CPU (1: none).
+
+    What ``scaled_dot_product_attention(q, k, v, fused=True)`` does for
+    attention without a mask (a decode step's one new token sees every key):
+    PyTorch's CPU kernel gives each thread whole (batch, KV head, block of 32
+    query rows) items, so a step with fewer items than threads (MQA, absorbed
+    MLA: one KV head) leaves cores idle. kqv then splits the keys into as
+    many slices as it takes to keep every thread busy, at least 512 keys each,
+    and merges them by log-sum-exp, as :func:`split_kv_decode` does. Returns 1
+    off the CPU, where PyTorch's own kernels decide.
+
+    Args:
+        q: queries (B, H, T, D), typically T = 1.
+        k: keys (B, H_kv, S, D), H divisible by H_kv.
+        v: values (B, H_kv, S, D_v).
+    """
+    q_per_kv = _check_qkv(q, k, v)
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must be (B, H, T, D) and (B, H_kv, S, D)")
+    rows = _fold(q, q_per_kv) if q_per_kv > 1 else q                                  # (B, H_kv, q_per_kv * T, D)
+    return _kv_splits(rows, k, v, None)
 
 
 # --- 4. Measurements -------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from kqv.model import Decoder
 from kqv.flash import (
     attention_intensity,
     attention_memory,
+    decode_splits,
     generation_times,
     merge_partials,
     online_softmax_attention,
@@ -229,6 +230,35 @@ def test_split_kv_decode_equals_kqvs_cpu_decode_path(splits):
     q_heads = torch.randn(1, 8, 1, 64)
     fused = kqv.scaled_dot_product_attention(q_heads, k, v, is_causal=True, fused=True)
     assert torch.allclose(split_kv_decode(q_heads, k, v, splits), fused, atol=1e-5)
+
+
+def test_decode_splits_reports_what_kqvs_cpu_decode_does(monkeypatch):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    q = torch.randn(1, 8, 1, 64)                                # MQA decode: one KV head
+    k, v = torch.randn(1, 1, 4096, 64), torch.randn(1, 1, 4096, 64)
+    assert decode_splits(q, k, v) == 4                          # one slice per thread
+    assert decode_splits(q, k[..., :1024, :], v[..., :1024, :]) == 2   # at least 512 keys a slice
+    assert decode_splits(q, k[..., :511, :], v[..., :511, :]) == 1
+    # MHA decode with as many heads as threads already keeps them busy: batch 2 x 4 heads, no split.
+    q4, k4, v4 = torch.randn(2, 4, 1, 64), torch.randn(2, 4, 4096, 64), torch.randn(2, 4, 4096, 64)
+    assert decode_splits(q4, k4, v4) == 1
+    # And the split is the path the fused call takes: spy on the slices' kernel.
+    import kqv.attention as attention
+
+    calls = []
+    flash_for_cpu = attention._cpu_flash
+    monkeypatch.setattr(attention, "_cpu_flash", lambda *a, **kw: calls.append(a[1].shape) or flash_for_cpu(*a, **kw))
+    out = kqv.scaled_dot_product_attention(q, k, v, fused=True)
+    assert [shape[1] for shape in calls] == [4]                 # (B * H_kv, slices, length, D)
+    assert torch.allclose(out, split_kv_decode(q, k, v, 4), atol=1e-5)
+
+
+def test_decode_splits_is_one_off_the_cpu_and_checks_shapes():
+    q, k, v = qkv(4, 1, 1, 2048, D=16, D_v=16, B=1)
+    if torch.cuda.is_available():
+        assert decode_splits(q.cuda(), k.cuda(), v.cuda()) == 1
+    with pytest.raises(ValueError, match=r"must be \(B, H, T, D\) and \(B, H_kv, S, D\)"):
+        decode_splits(q[0], k[0], v[0])
 
 
 def test_split_kv_decode_lse_is_the_full_lse():
