@@ -274,7 +274,15 @@ def convert_roles(text: str, ch: Chapter) -> str:
                 return f"[{title}]({ch.book.site_url}/{docname}.html)"
             return f"*{title}*"
         if role == "ref":
-            return shown or f"*{ch.book.label_title.get(target, target)}*"
+            if shown:
+                return shown
+            if target in ch.book.exercise_number:
+                return ch.book.exercise_number[target]
+            if target in ch.book.figure_number:
+                return ch.book.figure_number[target]
+            if target not in ch.book.label_title:
+                raise ConversionError(f"{{ref}} to unknown label {target!r}")
+            return f"*{ch.book.label_title[target]}*"
         if role.startswith("py:"):
             name = target.lstrip("~")
             short = name.rsplit(".", 1)[-1] if target.startswith("~") else name
