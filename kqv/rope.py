@@ -20,7 +20,7 @@ The two are equal up to a permutation of each head's coordinates, that is, of
 the rows of W_q and W_k: which is why :func:`kqv.smollm2.unpermute_qk` exists.
 
 Longer contexts than a model was trained on: :func:`ntk_aware_theta` (a new
-base) and :class:`YaRN` (Peng et al. 2023, arXiv 2309.00071), the scaling
+base) and :class:`~kqv.rope.YaRN` (Peng et al. 2023, arXiv 2309.00071), the scaling
 DeepSeek-V2 and V3 ship with, which slows the slowest pairs down by a factor
 so that their angles stay within what training saw, leaves the fastest pairs
 alone, and blends the pairs in between.
@@ -163,7 +163,7 @@ def rope_angles(
         positions: integer positions, shape (T,) or (B, T).
         dim: the rotated width D (even).
         theta: the base of the frequencies (10000 in the RoFormer paper).
-        scaling: YaRN's frequencies and magnitude (:class:`YaRN`), or None for plain RoPE.
+        scaling: YaRN's frequencies and magnitude (:class:`~kqv.rope.YaRN`), or None for plain RoPE.
 
     Returns:
         ``(cos, sin)``, each of shape ``(*positions.shape, D/2)``: one angle per pair.
