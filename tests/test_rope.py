@@ -83,3 +83,125 @@ def test_rope_errors_name_values():
     cos, sin = rope_angles(torch.arange(3), 8, 10000.0)
     with pytest.raises(ValueError, match="width 6 but the angles cover 8"):
         apply_rope(torch.randn(1, 1, 3, 6), cos, sin)
+
+
+# --- Looking at RoPE (chapter "Rotary positions") -------------------------------------------------
+
+from kqv.rope import (  # noqa: E402
+    absolute_position_scores,
+    ntk_aware_theta,
+    offset_spread,
+    rope_matrix,
+    rope_position_scores,
+    sinusoidal_positions,
+)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_matrix_is_the_rotation_apply_rope_applies(interleaved):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 8, generator=g)
+    for n in (0, 3, 1000, -7):
+        cos, sin = rope_angles(torch.full((5,), n), 8, 500.0)
+        rotated = apply_rope(x, cos, sin, interleaved=interleaved)
+        torch.testing.assert_close(x @ rope_matrix(n, 8, 500.0, interleaved=interleaved).T, rotated)
+    torch.testing.assert_close(rope_matrix(0, 8, 500.0), torch.eye(8))
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotations_compose_into_the_offset(interleaved):
+    """R_m^T R_n = R_(n - m): orthogonal, and only the difference of the positions is left."""
+    R = {n: rope_matrix(n, 16, 10000.0, interleaved=interleaved) for n in (0, 2, 5, 9, 12)}
+    torch.testing.assert_close(R[9].T @ R[9], torch.eye(16), atol=1e-6, rtol=0)
+    torch.testing.assert_close(R[5].T @ R[12], rope_matrix(7, 16, 10000.0, interleaved=interleaved), atol=1e-6, rtol=0)
+    torch.testing.assert_close(R[9].T @ R[2], rope_matrix(-7, 16, 10000.0, interleaved=interleaved), atol=1e-6, rtol=0)
+
+
+def test_rope_matrix_errors_name_values():
+    with pytest.raises(TypeError, match="position must be an integer, got 1.5"):
+        rope_matrix(1.5, 8, 10000.0)
+    with pytest.raises(ValueError, match="even width, got dim=7"):
+        rope_matrix(1, 7, 10000.0)
+
+
+def test_sinusoidal_positions_follow_the_transformer_paper():
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(pos / 10000^(2i/d)) (Vaswani et al., section 3.5)."""
+    pe = sinusoidal_positions(torch.arange(50), 16)
+    assert pe.shape == (50, 16)
+    for pos, i in ((0, 0), (7, 0), (7, 3), (49, 7)):
+        angle = pos / 10000 ** (2 * i / 16)
+        assert pe[pos, 2 * i].item() == pytest.approx(math.sin(angle), abs=1e-5)
+        assert pe[pos, 2 * i + 1].item() == pytest.approx(math.cos(angle), abs=1e-5)
+    with pytest.raises(ValueError, match="even width, got dim=5"):
+        sinusoidal_positions(torch.arange(3), 5)
+    with pytest.raises(TypeError, match="integers, got dtype torch.float32"):
+        sinusoidal_positions(torch.arange(3.0), 4)
+
+
+def _tokens_and_head(hidden=24, D=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(hidden, generator=g), torch.randn(hidden, generator=g),
+            torch.randn(D, hidden, generator=g) / hidden**0.5, torch.randn(D, hidden, generator=g) / hidden**0.5)
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_scores_depend_on_the_offset_alone(interleaved):
+    x_q, x_k, w_q, w_k = _tokens_and_head()
+    positions = torch.arange(3, 40)
+    grid = rope_position_scores(x_q, x_k, w_q, w_k, positions, 100.0, interleaved=interleaved)
+    assert grid.shape == (37, 37)
+    m, n = 30, 11                                                # one entry, computed the long way
+    q = rope_matrix(int(positions[m]), 8, 100.0, interleaved=interleaved) @ (w_q @ x_q)
+    k = rope_matrix(int(positions[n]), 8, 100.0, interleaved=interleaved) @ (w_k @ x_k)
+    assert grid[m, n].item() == pytest.approx(float(q @ k), abs=1e-5)
+    offsets, spread = offset_spread(grid)
+    assert offsets.tolist() == list(range(-36, 37))
+    assert spread.max() < 1e-4 * grid.abs().max()
+    assert grid.std() > 0.1 * grid.abs().max()                   # and it does depend on the offset
+
+
+def test_absolute_scores_depend_on_both_positions():
+    x_q, x_k, w_q, w_k = _tokens_and_head()
+    positions = torch.arange(40)
+    pe = sinusoidal_positions(positions, 24)
+    grid = absolute_position_scores(x_q, x_k, w_q, w_k, pe)
+    m, n = 17, 4
+    expected = (w_q @ (x_q + pe[m])) @ (w_k @ (x_k + pe[n]))
+    assert grid[m, n].item() == pytest.approx(float(expected), abs=1e-5)
+    assert offset_spread(grid)[1].max() > 0.1 * grid.abs().max()
+    # Without positions the grid is one number everywhere: attention alone has no order.
+    flat = absolute_position_scores(x_q, x_k, w_q, w_k, torch.zeros(40, 24))
+    assert offset_spread(flat)[1].max() < 1e-6 and torch.allclose(flat, flat[0, 0].expand(40, 40))
+
+
+def test_position_score_errors_name_shapes():
+    x_q, x_k, w_q, w_k = _tokens_and_head()
+    with pytest.raises(ValueError, match=r"query: expected a vector \(hidden,\) and a projection \(D, hidden\), got \(24,\) and \(8, 23\)"):
+        rope_position_scores(x_q, x_k, w_q[:, :23], w_k, torch.arange(4), 100.0)
+    with pytest.raises(ValueError, match=r"position_embeddings must be \(P, 24\), got \(4, 16\)"):
+        absolute_position_scores(x_q, x_k, w_q, w_k, torch.zeros(4, 16))
+    with pytest.raises(ValueError, match=r"square \(P, P\) grid, got shape \(3, 4\)"):
+        offset_spread(torch.zeros(3, 4))
+
+
+def test_offset_spread_measures_each_diagonal():
+    grid = torch.tensor([[0.0, 1.0, 2.0], [5.0, 0.5, 1.0], [9.0, 5.0, 0.0]])
+    offsets, spread = offset_spread(grid)
+    assert offsets.tolist() == [-2, -1, 0, 1, 2]
+    torch.testing.assert_close(spread, torch.tensor([0.0, 0.0, 0.5, 0.0, 0.0]))
+
+
+def test_ntk_aware_base_keeps_the_fastest_pair_and_slows_the_slowest_by_the_factor():
+    """YaRN paper, definition 1 and appendix A.1: b' = b s^(D / (D - 2))."""
+    for dim, theta, factor in ((64, 10000.0, 40.0), (128, 500000.0, 4.0), (8, 100.0, 2.0)):
+        plain = rope_frequencies(dim, theta).double()
+        scaled = rope_frequencies(dim, ntk_aware_theta(theta, factor, dim)).double()
+        assert scaled[0].item() == pytest.approx(plain[0].item())
+        assert (plain[-1] / scaled[-1]).item() == pytest.approx(factor, rel=1e-4)
+        ratio = plain / scaled                                    # how much each pair slows down
+        assert bool((ratio[1:] >= ratio[:-1]).all())               # more and more towards the slow end
+    assert ntk_aware_theta(10000.0, 1.0, 64) == 10000.0
+    with pytest.raises(ValueError, match="factor must be at least 1, got 0.5"):
+        ntk_aware_theta(10000.0, 0.5, 64)
+    with pytest.raises(ValueError, match="even width of at least 4, got dim=2"):
+        ntk_aware_theta(10000.0, 2.0, 2)
