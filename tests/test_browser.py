@@ -328,6 +328,24 @@ def test_dark_mode_figures_follow_the_theme(browser, base_url, path):
             assert 0.2126 * r + 0.7152 * g + 0.0722 * b > 140, f"{path}: dark figure text {colour} on a dark page"
         filters = page.evaluate("() => Array.from(document.querySelectorAll('.kqv-svg svg')).map(s => getComputedStyle(s).filter)")
         assert set(filters) <= {"none"}, f"{path}: figures are filtered in dark mode: {set(filters)}"
+        # An explorer draws its figure text in the page's (light) text colour: nothing behind it may be light.
+        panels = page.evaluate(
+            """() => Array.from(document.querySelectorAll('.kqv-explorer')).map(e => {
+                 const backgrounds = [];
+                 for (let n = e; n && n !== document.body; n = n.parentElement) {
+                   backgrounds.push(getComputedStyle(n).backgroundColor);
+                 }
+                 return backgrounds;
+               })"""
+        )
+        for backgrounds in panels:
+            for colour in backgrounds:
+                channels = [float(x) for x in re.findall(r"[\d.]+", colour)]
+                r, g, b = channels[:3]
+                alpha = channels[3] if len(channels) > 3 else 1.0
+                assert alpha == 0 or 0.2126 * r + 0.7152 * g + 0.0722 * b < 100, (
+                    f"{path}: an explorer sits on a light background {colour} in dark mode: its text is unreadable"
+                )
     finally:
         context.close()
     assert not record.console_errors, record.console_errors
