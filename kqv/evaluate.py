@@ -188,10 +188,14 @@ class PerplexityResult:
 
     Attributes:
         perplexity: exp(total NLL / targets) over all windows.
-        low, high: the interval's ends (``level``, 95% by default).
+        low: the interval's lower end (a ``level`` interval, 95% by default).
+        high: its upper end.
         tokens: targets scored, ``windows * (window - 1)``.
-        windows, window: how many windows, of how many tokens.
-        level, n_boot, seed: of the bootstrap.
+        windows: how many windows were scored.
+        window: tokens per window.
+        level: the interval's coverage.
+        n_boot: resamples of the bootstrap.
+        seed: the bootstrap's seed.
         window_nll: each window's summed NLL, for paired comparisons
             (:func:`perplexity_ratio`).
     """
