@@ -54,6 +54,7 @@ def set_environment() -> None:
     """Thread count, CPU only, hashing, and the kernel's Python (this one)."""
     os.environ["OMP_NUM_THREADS"] = "2"
     os.environ["MKL_NUM_THREADS"] = "2"
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"  # idle threads sleep (outputs unchanged; on a busy machine spinning threads steal the cores)
     os.environ["PYTHONHASHSEED"] = "0"
     os.environ["CUDA_VISIBLE_DEVICES"] = ""
     os.environ["KQV_BOOK_BUILD"] = "1"  # kqv.plots glues figures and numbers for the prose
