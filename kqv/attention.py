@@ -15,8 +15,8 @@ Shapes follow the legend in :mod:`kqv`: queries (B, H, T, D), keys and values
     KV heads        k0    k1    k2    k3         H_kv = 4, q_per_kv = 2
 
     H_kv == H  ->  multi-head attention (MHA, chapter 3)
-    H_kv == 1  ->  multi-query attention (MQA, chapter 5)
-    otherwise  ->  grouped-query attention (GQA, chapter 6)
+    H_kv == 1  ->  multi-query attention (MQA, chapter 6)
+    otherwise  ->  grouped-query attention (GQA, chapter 7)
 
 Two paths compute the same thing. The eager path spells out every step and can
 return the weights (for plots); the fused path hands the work to PyTorch's

@@ -47,10 +47,10 @@ hundreds of milliseconds, and the fixed cost falls on both sides alike, which
 if anything lowers their ratios.
 
 Functions return plain data (lists of dicts, floats) so that a notebook can
-call them at small sizes: chapter 8 draws its decode-time plots with
+call them at small sizes: chapter 9 draws its decode-time plots with
 :func:`decode_step_times`.
 
-Book: chapter 8 ("The showdown") and the GPU page.
+Book: chapter 9 ("The showdown") and the GPU page.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ and :attr:`Cache.next_position` says where the next token sits. The caches of :m
 :mod:`kqv.window` keep their tokens otherwise (in blocks, quantized, in a
 rolling window) and answer the same three questions their own way.
 
-Book: chapter 4 ("The KV cache") and chapter 7 ("The latent cache").
+Book: chapter 4 ("The KV cache") and chapter 8 ("Multi-head latent attention").
 """
 
 from __future__ import annotations

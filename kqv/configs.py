@@ -15,7 +15,7 @@ heads, d_h head width, d_c latent width and d_r RoPE width::
     MQA   2 * d_h * l
     MLA   (d_c + d_r) * l
 
-Book: chapter 4 (the calculator), chapters 5 to 8 (the comparisons).
+Book: chapter 4 (the calculator), chapters 6 to 9 (the comparisons).
 """
 
 from __future__ import annotations

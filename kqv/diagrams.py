@@ -43,7 +43,7 @@ figure also knows how to lay itself out again for a phone
 re-flow instead of shrinking. Call :func:`kqv.plots.use_style` first (the
 chapters' set-up cell does), so that two draws write the same SVG bytes.
 
-Book: chapters 1 to 8, where each concept is introduced.
+Book: chapters 1 to 9, where each concept is introduced.
 """
 
 from __future__ import annotations
@@ -657,7 +657,7 @@ def cache_growth(source: Any, tokens: Sequence[str] = SENTENCE, *, prompt_len: i
             pass the same value to draw two caches to one scale.
         width_in: the figure's width in inches.
 
-    Book: chapter 4 (the KV cache), chapter 7 (the latent cache).
+    Book: chapter 4 (the KV cache), chapter 8 (the latent cache).
     """
     spec = _cache_spec(source, dtype)
     T = len(tokens)
@@ -728,7 +728,7 @@ def compare_designs(designs: Sequence[Any] | None = None, *, dtype: torch.dtype 
         dtype: the type of the cached numbers, for the bytes.
         width_in: the figure's width in inches.
 
-    Book: chapters 5 and 6 (one catalog, department catalogs), chapter 8 (the showdown).
+    Book: chapters 6 and 7 (one catalog, department catalogs), chapter 9 (the showdown).
     """
     designs = [configs.get(n) for n in _ARTICLE] if designs is None else list(designs)
     if not designs:
@@ -934,7 +934,7 @@ def mla_path(module: MultiHeadLatentAttention | configs.ModelConfig, *,
         module: a :class:`kqv.MultiHeadLatentAttention` or an MLA :class:`kqv.configs.ModelConfig`.
         width_in: the figure's width in inches.
 
-    Book: chapter 7 (index cards: the latent, decoupled RoPE, absorption).
+    Book: chapter 8 (index cards: the latent, decoupled RoPE, absorption).
     """
     s = _shape(module)
     if s.kind != "MLA" or s.hidden is None:
@@ -1211,7 +1211,7 @@ def decode_animation(kind: str = "GQA", *, module: Attention | MultiHeadLatentAt
     Returns:
         The HTML output (the last line of a cell shows it).
 
-    Book: chapter 4 (the cache grows), chapters 5 to 7 (what each design caches).
+    Book: chapter 4 (the cache grows), chapters 6 to 8 (what each design caches).
     """
     from . import explore
 

@@ -393,7 +393,7 @@ def cache_calculator(
             the scales a quantized cache also keeps are not counted).
         budget_gib: the memory budget, in GiB (2**30 bytes).
 
-    Book: chapter 4 (the calculator), chapters 5 to 8 (the comparisons).
+    Book: chapter 4 (the calculator), chapters 6 to 9 (the comparisons).
     """
     config = configs.get(preset) if isinstance(preset, str) else preset
     for name, value in (("context_len", context_len), ("batch_size", batch_size)):

@@ -113,7 +113,7 @@ DARK = "#1a1a1a"
 
 #: One look per design, the same in every chapter: the reader learns the legend once.
 #: "latent" is a GQA model converted to low-rank latent keys and values without
-#: MLA's decoupled RoPE (chapter 7); converted models with decoupled RoPE are MLA.
+#: MLA's decoupled RoPE (chapter 8); converted models with decoupled RoPE are MLA.
 DESIGNS: dict[str, dict[str, str]] = {
     "MHA": {"color": OKABE_ITO["blue"], "marker": "o", "label": "MHA"},
     "GQA": {"color": OKABE_ITO["bluish green"], "marker": "s", "label": "GQA"},

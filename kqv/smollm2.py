@@ -35,7 +35,7 @@ weights. And it is the Instruct model, tuned for a chat format
 format: its perplexities are those of plain continuation, not of the
 conversations it was tuned for.
 
-Book: chapter 3 (real heads), chapters 5 to 8 (the conversions, measured).
+Book: chapter 3 (real heads), chapters 6 to 9 (the conversions, measured).
 """
 
 from __future__ import annotations
