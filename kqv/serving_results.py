@@ -207,7 +207,13 @@ def check(results: dict) -> dict:
 def load(path: str | Path | None = None) -> dict:
     """The committed results (``kqv/data/serving_results.json``), or those at ``path``, checked."""
     if path is None:
-        text = resources.files("kqv").joinpath("data", "serving_results.json").read_text(encoding="utf-8")
+        packaged = resources.files("kqv").joinpath("data", "serving_results.json")
+        if not packaged.is_file():
+            raise FileNotFoundError(
+                "kqv/data/serving_results.json is not in this installation of kqv (its package data must "
+                "include data/*.json); regenerate it with `python -m kqv.serving_results`, or pass its path"
+            )
+        text = packaged.read_text(encoding="utf-8")
     else:
         text = Path(path).read_text(encoding="utf-8")
     return check(json.loads(text))

@@ -99,3 +99,9 @@ def test_the_committed_text_is_what_evaluation_ids_reads():
 
     tokenizer = smollm2.build_tokenizer()
     assert serving_results.evaluation_ids(tokenizer).shape == (1, serving_results.load()["meta"]["tokens"])
+
+
+def test_a_missing_results_file_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(serving_results.resources, "files", lambda package: tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"package data must include data/\*\.json.*python -m kqv.serving_results"):
+        serving_results.load()
