@@ -12,7 +12,8 @@ The library behind the book. Each module reads like the chapter that teaches it:
 - :mod:`kqv.model`: a small decoder with greedy generation through the caches;
 - :mod:`kqv.flash`: attention computed fast: online softmax, tiles, split-KV decoding;
 - :mod:`kqv.paged`, :mod:`kqv.quant`, :mod:`kqv.window`: serving the cache in
-  blocks, quantized, and in a sliding window with attention sinks ("Serving the cache").
+  blocks, quantized, and in a sliding window with attention sinks ("Serving the cache");
+  :mod:`kqv.serving_results` measures the last two on the real model.
 
 The rest is imported on first use (``kqv.smollm2`` after ``import kqv`` works,
 without loading the GGUF reader or matplotlib before a chapter needs them):
@@ -73,7 +74,8 @@ __version__ = "0.1.0"
 # already, the others on first access (PEP 562), so ``import kqv`` stays light.
 _SUBMODULES = (
     "attention", "bench", "cache", "configs", "convert", "corpus", "device", "diagrams", "evaluate", "explore",
-    "flash", "heads", "mla", "model", "norm", "paged", "plots", "quant", "rope", "smollm2", "window",
+    "flash", "heads", "mla", "model", "norm", "paged", "plots", "quant", "rope", "serving_results",
+    "smollm2", "window",
 )
 
 

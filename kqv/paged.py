@@ -863,7 +863,9 @@ def continuous_batching(
         ``(outputs, log)``: each request's prompt and generated tokens (as
         :meth:`kqv.model.Decoder.generate` returns for it alone), and one dict
         per step: ``admitted`` and ``decoded`` (request indices),
-        ``finished``, and ``blocks_in_use`` after the step.
+        ``finished``, ``blocks_in_use`` after the step, and ``tables`` and
+        ``lengths``: each request still running after the step, its block
+        table and the tokens it holds (a picture of the pool).
     """
     n = len(prompts)
     budgets = [max_new_tokens] * n if isinstance(max_new_tokens, int) else list(max_new_tokens)
@@ -905,6 +907,10 @@ def continuous_batching(
         for r in [r for r in running if done(r)]:
             blocks.free(running.pop(r))
             finished.append(r)
-        log.append({"admitted": admitted, "decoded": decoding, "finished": finished, "blocks_in_use": blocks.blocks_in_use})
+        log.append({
+            "admitted": admitted, "decoded": decoding, "finished": finished, "blocks_in_use": blocks.blocks_in_use,
+            "tables": {r: list(blocks.tables[s]) for r, s in running.items()},
+            "lengths": {r: blocks.lengths[s] for r, s in running.items()},
+        })
     outputs = [torch.cat((p.to(device), torch.tensor(g, dtype=p.dtype, device=device))) for p, g in zip(prompts, generated)]
     return outputs, log

@@ -279,6 +279,30 @@ def test_continuous_batching_generates_what_each_prompt_generates_alone(device, 
     assert log[-1]["blocks_in_use"] == 0
 
 
+def test_continuous_batching_logs_the_pool_after_each_step(device):
+    model = decoder("GQA", device)
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(0, 97, (n,), generator=g).to(device) for n in (6, 13, 2, 9)]
+    budgets = [5, 3, 8, 4]
+    _, log = continuous_batching(model, prompts, budgets, blocks=BlockManager(12, 4), max_batch=2)
+    held = {}
+    for step in log:
+        for r in step["admitted"]:
+            held[r] = len(prompts[r])                    # its prompt, then one token per decode step
+        for r in step["decoded"]:
+            held[r] += 1
+        for r in step["finished"]:
+            del held[r]
+        # The log's lengths are the tokens each running request holds; its table has just enough blocks.
+        assert step["lengths"] == held
+        assert set(step["tables"]) == set(held)
+        for r, table in step["tables"].items():
+            assert len(table) == math.ceil(step["lengths"][r] / 4)
+        used = [b for table in step["tables"].values() for b in table]
+        assert len(used) == len(set(used)) == step["blocks_in_use"]    # no block held twice
+    assert log[-1]["tables"] == {} and log[-1]["lengths"] == {}
+
+
 @pytest.mark.parametrize("name", DECODERS)
 def test_generate_decodes_into_a_paged_cache(device, name):
     model = decoder(name, device)

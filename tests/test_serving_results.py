@@ -1,0 +1,107 @@
+"""kqv.serving_results: the measurements' rows, the committed file, and what checking it catches."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from kqv import configs, serving_results
+from kqv.model import Decoder
+
+TINY = configs.get("HuggingFaceTB/SmolLM2-135M-Instruct").replace(
+    name="tiny", num_layers=2, hidden_size=32, num_heads=4, num_kv_heads=2, head_dim=8,
+    vocab_size=61, intermediate_size=48,
+)
+
+
+@pytest.fixture(scope="module")
+def measured():
+    torch.manual_seed(0)
+    model = Decoder(TINY).eval()
+    ids = torch.randint(0, 61, (1, 40), generator=torch.Generator().manual_seed(1))
+    return serving_results.measure(model, ids, windows=(8, 16), sinks=(0, 2), chunk=4)
+
+
+def with_meta(measured):
+    meta = {"command": "test", "date": "today", "device": "cpu", "versions": {}, "text": "random",
+            "tokens": 40, "chunk": 4}
+    return {"meta": meta, **copy.deepcopy(measured)}
+
+
+def test_measure_gives_one_row_per_format_and_per_setting(measured):
+    assert [row["format"] for row in measured["quality"]] == list(serving_results.FORMATS)
+    settings = [(row["window"], row["sinks"]) for row in measured["window"]]
+    assert settings == [(8, 0), (8, 2), (16, 0), (16, 2), (None, 0)]
+    bytes_fp32 = 2 * TINY.num_layers * TINY.num_kv_heads * TINY.head_dim * 4
+    assert measured["quality"][0]["bytes_per_token"] == bytes_fp32
+    assert measured["quality"][0]["agreement_float32"] == 1.0
+    assert set(measured["seconds"]) == {"quality", "window"}
+
+
+def test_measure_refuses_a_window_as_long_as_the_text():
+    model = Decoder(TINY).eval()
+    with pytest.raises(ValueError, match=r"the text has 12 tokens; every window must be shorter, got \[8, 12\]"):
+        serving_results.measure(model, torch.zeros(1, 12, dtype=torch.long), windows=(12, 8))
+
+
+def test_check_accepts_what_measure_gives_and_names_what_is_missing(measured):
+    serving_results.check(with_meta(measured))
+    broken = with_meta(measured)
+    del broken["meta"]["chunk"]
+    with pytest.raises(ValueError, match=r"meta lacks \['chunk'\]"):
+        serving_results.check(broken)
+    broken = with_meta(measured)
+    del broken["quality"][2]["perplexity"]
+    with pytest.raises(ValueError, match=r"a quality row lacks \['perplexity'\]"):
+        serving_results.check(broken)
+    broken = with_meta(measured)
+    broken["quality"] = [row for row in broken["quality"] if row["format"] != "bfloat16"]
+    with pytest.raises(ValueError, match="need the float32 and bfloat16 references"):
+        serving_results.check(broken)
+    broken = with_meta(measured)
+    del broken["window"][1]["perplexity"]
+    with pytest.raises(ValueError, match=r"a window row lacks \['perplexity'\]"):
+        serving_results.check(broken)
+    broken = with_meta(measured)
+    broken["window"] = broken["window"][:-1]
+    with pytest.raises(ValueError, match="exactly one full-context row"):
+        serving_results.check(broken)
+
+
+def test_load_reads_a_file_it_checks(tmp_path, measured):
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(with_meta(measured)))
+    assert serving_results.load(path)["meta"]["tokens"] == 40
+    path.write_text(json.dumps({"meta": {}}))
+    with pytest.raises(ValueError, match=r"the results lack \['quality', 'window'\]"):
+        serving_results.load(path)
+
+
+def test_the_committed_results_are_smollm2s_over_the_whole_evaluation_text():
+    results = serving_results.load()
+    meta = results["meta"]
+    assert meta["text"] == serving_results.TEXT and not meta["quick"]
+    assert meta["command"].startswith("python -m kqv.serving_results")
+    smol = configs.get("HuggingFaceTB/SmolLM2-135M-Instruct")
+    bytes_per_token = {row["format"]: row["bytes_per_token"] for row in results["quality"]}
+    assert bytes_per_token["float32"] == configs.kv_bytes_per_token(smol, torch.float32)
+    assert bytes_per_token["bfloat16"] == configs.kv_bytes_per_token(smol, torch.bfloat16)
+    # 8-bit values plus one float32 scale per token and KV head, for K and V, in every layer.
+    assert bytes_per_token["int8"] == bytes_per_token["fp8"] == 2 * 30 * 3 * (64 + 4)
+    settings = {(row["window"], row["sinks"]) for row in results["window"]}
+    assert settings == {(w, s) for w in serving_results.WINDOWS for s in serving_results.SINKS} | {(None, 0)}
+    assert max(serving_results.WINDOWS) < meta["tokens"]
+
+
+def test_the_committed_text_is_what_evaluation_ids_reads():
+    from kqv import smollm2
+
+    tokenizer = smollm2.build_tokenizer()
+    assert serving_results.evaluation_ids(tokenizer).shape == (1, serving_results.load()["meta"]["tokens"])
+
+
+def test_a_missing_results_file_says_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(serving_results.resources, "files", lambda package: tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"package data must include data/\*\.json.*python -m kqv.serving_results"):
+        serving_results.load()
