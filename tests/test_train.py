@@ -63,8 +63,10 @@ def test_a_stopped_run_continues_from_its_checkpoint(tmp_path):
     with pytest.raises(Stop):
         train.train_lm(fresh(), stream(), SETTINGS, seed=0, checkpoint=path, progress=stop_at_17)
     assert train.load_checkpoint(path)["step"] == 10                    # the last checkpoint before the stop
-    resumed = fresh()
-    history = train.train_lm(resumed, stream(), SETTINGS, seed=0, checkpoint=path)
+    resumed, steps = fresh(), []
+    history = train.train_lm(resumed, stream(), SETTINGS, seed=0, checkpoint=path,
+                             progress=lambda step, loss: steps.append(step))
+    assert steps == list(range(11, 31))                                 # only the steps after the checkpoint
     assert history["losses"] == expected["losses"]
     assert all(torch.equal(x, y) for x, y in zip(resumed.state_dict().values(), whole.state_dict().values()))
 

@@ -101,8 +101,22 @@ def test_a_stopped_repair_continues_to_the_same_result(teacher, data, tmp_path):
     with pytest.raises(Stop):
         uptrain.repair(stopped, teacher, data, SETTINGS, seed=0, checkpoint_dir=tmp_path,
                        progress=stop_in_phase_two, checkpoint_every=2)
-    resumed = convert.gqa_to_mqa(teacher)
-    report = uptrain.repair(resumed, teacher, data, SETTINGS, seed=0, checkpoint_dir=tmp_path, checkpoint_every=2)
+    resumed, calls = convert.gqa_to_mqa(teacher), []
+    report = uptrain.repair(resumed, teacher, data, SETTINGS, seed=0, checkpoint_dir=tmp_path,
+                            checkpoint_every=2, progress=calls.append)
+    # Stopped during logit step 4, before its checkpoint: both layers and 2 logit steps come back
+    # from the checkpoints, and only the last 4 steps are trained again.
+    assert calls == [SETTINGS.layer_steps, SETTINGS.layer_steps, 2, 1, 1, 1, 1]
     assert len(report["logit_losses"]) == SETTINGS.logit_steps
     for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
         torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_a_layer_that_training_makes_worse_keeps_its_weights(teacher, data):
+    student = convert.gqa_to_latent(teacher, 8)
+    start = {k: v.clone() for k, v in student.state_dict().items()}
+    wild = uptrain.RepairSettings(layer_steps=5, layer_batch=2, layer_lr=10.0, logit_steps=0, warmup=1,
+                                  precision="fp32")
+    report = uptrain.repair(student, teacher, data, wild, seed=0)
+    assert all(r["relative_error_after"] == r["relative_error_before"] for r in report["layers"])
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in start.items())
