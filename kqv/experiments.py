@@ -67,6 +67,7 @@ __all__ = [
     "run_uptrain",
     "run_scratch",
     "validate",
+    "load_results",
     "main",
 ]
 
@@ -735,6 +736,28 @@ def validate(doc: dict) -> None:
     _check(doc, SCHEMA[sub], sub, problems)
     if problems:
         raise ValueError(f"{len(problems)} problem(s) in the {sub} results:\n  " + "\n  ".join(problems[:20]))
+
+
+def load_results(name: str, folder: str | Path | None = None) -> dict:
+    """A results file, checked against the schema: ``<folder>/<name>.json``.
+
+    Args:
+        name: "quality", "uptrain" or "scratch".
+        folder: where to look; default ``results/`` of the checkout this kqv
+            was imported from (the committed results).
+    """
+    if name not in SUBCOMMANDS:
+        raise ValueError(f"name must be one of {SUBCOMMANDS}, got {name!r}")
+    folder = Path(folder) if folder is not None else Path(__file__).resolve().parent.parent / "results"
+    path = folder / f"{name}.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no {path}: the book's repository commits it under results/; elsewhere make it with "
+            f"python -m kqv.experiments {name} --out {folder}"
+        )
+    doc = json.loads(path.read_text())
+    validate(doc)
+    return doc
 
 
 # --- The command ------------------------------------------------------------------------------

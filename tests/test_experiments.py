@@ -15,8 +15,7 @@ RESULTS = Path(__file__).resolve().parent.parent / "results"
 
 @pytest.mark.parametrize("name", experiments.SUBCOMMANDS)
 def test_committed_results_match_the_schema(name):
-    doc = json.loads((RESULTS / f"{name}.json").read_text())
-    experiments.validate(doc)
+    doc = experiments.load_results(name)                     # validates
     assert doc["subcommand"] == name and not doc["quick"]
     assert doc["command"].startswith(f"python -m kqv.experiments {name}")
 
@@ -79,3 +78,8 @@ def test_the_quick_command_runs_and_resumes(tmp_path, capsys):
 def test_unknown_conversion_is_named():
     with pytest.raises(KeyError, match=r"unknown conversion 'gqa-2'; known: \['original', 'mqa-mean'"):
         experiments.build_conversion("gqa-2", None, None)
+
+
+def test_load_results_says_where_it_looked(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"quality.json.*python -m kqv.experiments quality --out"):
+        experiments.load_results("quality", tmp_path)
