@@ -381,9 +381,13 @@ class _Smol:
         return (time.perf_counter() - t0) * self.eval_ids.shape[1] / x.shape[1]
 
 
+def _eval_settings(smol: _Smol) -> dict:
+    return {"tokens": smol.eval_ids.shape[1], "window": evaluate.WINDOW, "calibration": smol.calibration.numel()}
+
+
 def _measure(smol: _Smol, work: Work, key: str, model_fn, progress: Progress, estimate: float) -> dict:
     """The standard measurement of one unrepaired model, saved as unit ``eval/<key>``."""
-    settings = {"tokens": smol.eval_ids.shape[1], "window": evaluate.WINDOW, "calibration": smol.calibration.numel()}
+    settings = _eval_settings(smol)
     saved = work.done(f"eval/{key}", settings)
     if saved is not None:
         progress.skip(estimate)
@@ -415,7 +419,8 @@ def run_quality(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
     work = Work(out / ".work" / _work_name(device, the_plan))
     smol = _Smol(device, the_plan)
     per_eval = smol.eval_seconds()
-    print(f"quality: {len(CONVERSIONS)} models, about {len(CONVERSIONS) * per_eval / 60:.0f} min "
+    left = sum(work.done(f"eval/{c.key}", _eval_settings(smol)) is None for c in CONVERSIONS)
+    print(f"quality: {len(CONVERSIONS)} models, {left} to measure, about {left * per_eval / 60:.0f} min "
           f"({per_eval:.0f} s a model, timed now)", file=sys.stderr)
     bar = Progress(len(CONVERSIONS) * per_eval, progress)
     rows = []
@@ -462,11 +467,19 @@ def run_uptrain(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
     per_logit = 3 * _timing(step, 1)                     # forward and backward, about 3 forwards
     per_layer_step = per_logit * rs.layer_batch / rs.logit_batch / smol.model.config.num_layers
     per_repair = rs.layer_steps * smol.model.config.num_layers * per_layer_step + rs.logit_steps * per_logit
-    evals = (1 + 2 * len(todo)) * per_eval
-    total = evals + len(todo) * len(the_plan.seeds) * per_repair
-    print(f"uptrain: {len(todo)} conversions x {len(the_plan.seeds)} seed(s), about {total / 60:.0f} min "
+    def repair_settings(seed: int) -> dict:
+        return {"repair": rs.as_dict(), "seq_len": T, "layer_sequences": the_plan.layer_sequences,
+                "calibration": smol.calibration.numel(), "eval": smol.eval_ids.shape[1], "seed": seed}
+
+    evals_left = sum(work.done(f"eval/{k}", _eval_settings(smol)) is None
+                     for k in ["original", *(c.key for c in todo)])
+    repairs_left = sum(work.done(f"repair/{c.key}-seed{seed}", repair_settings(seed)) is None
+                       for c in todo for seed in the_plan.seeds)
+    total = (evals_left + repairs_left) * per_eval + repairs_left * per_repair
+    print(f"uptrain: {len(todo)} conversions x {len(the_plan.seeds)} seed(s); {repairs_left} repairs and "
+          f"{evals_left + repairs_left} measurements to do, about {total / 60:.0f} min "
           f"(timed now: {per_eval:.0f} s a measurement, {per_repair:.0f} s a repair)", file=sys.stderr)
-    bar = Progress(total, progress)
+    bar = Progress((1 + 2 * len(todo)) * per_eval + len(todo) * len(the_plan.seeds) * per_repair, progress)
 
     original = _measure(smol, work, "original", lambda: smol.model, bar, per_eval)
     rows = []
@@ -481,8 +494,7 @@ def run_uptrain(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
 
         before = _measure(smol, work, c.key, converted, bar, per_eval)
         for seed in the_plan.seeds:
-            settings = {"repair": rs.as_dict(), "seq_len": T, "layer_sequences": the_plan.layer_sequences,
-                        "calibration": smol.calibration.numel(), "eval": smol.eval_ids.shape[1], "seed": seed}
+            settings = repair_settings(seed)
             name = f"repair/{c.key}-seed{seed}"
             saved = work.done(name, settings)
             if saved is None:
@@ -584,9 +596,15 @@ def run_scratch(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
         loss.backward()
     per_run = _timing(step) * ts.steps * 1.15            # and the optimizer, and the validation
     del probe
+
+    def unit_settings(config: ModelConfig, seed: int) -> dict:
+        return {"config": asdict(config), "train": ts.as_dict(), "seed": seed, "tokenizer": _sha(tokenizer.to_str())}
+
     runs = len(configs) * len(the_plan.seeds)
-    print(f"scratch: {len(configs)} designs x {len(the_plan.seeds)} seeds, about {runs * per_run / 60:.0f} min "
-          f"({per_run:.0f} s a run, timed now)", file=sys.stderr)
+    left = sum(work.done(f"scratch/{name}-seed{seed}", unit_settings(config, seed)) is None
+               for name, config in configs.items() for seed in the_plan.seeds)
+    print(f"scratch: {len(configs)} designs x {len(the_plan.seeds)} seeds, {left} runs to do, "
+          f"about {left * per_run / 60:.0f} min ({per_run:.0f} s a run, timed now)", file=sys.stderr)
     bar = Progress(runs * per_run, progress)
 
     results = []
@@ -594,8 +612,7 @@ def run_scratch(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
         runs_out = []
         for seed in the_plan.seeds:
             unit = f"scratch/{name}-seed{seed}"
-            settings = {"config": asdict(config), "train": ts.as_dict(), "seed": seed,
-                        "tokenizer": _sha(tokenizer.to_str())}
+            settings = unit_settings(config, seed)
             saved = work.done(unit, settings)
             if saved is None:
                 torch.manual_seed(seed)
