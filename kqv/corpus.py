@@ -7,7 +7,7 @@ long enough for a measurement to mean something. Python's documentation fits:
 - the language reference topics that ``help()`` shows (``pydoc_data.topics``,
   about 465,000 characters), and
 - the docstrings of the standard library's modules, classes and functions,
-  read from the source files with :mod:`ast` (nothing is imported or run);
+  read from the source files with ``ast`` (nothing is imported or run);
 
 both under the PSF License Agreement (``kqv/data/PSF_LICENSE.txt``, copied
 from the Python that built the extract). It is technical English with code in

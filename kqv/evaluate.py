@@ -190,10 +190,14 @@ class PerplexityResult:
 
     Attributes:
         perplexity: exp(total NLL / targets) over all windows.
-        low, high: the interval's ends (``level``, 95% by default).
+        low: the interval's lower end.
+        high: its upper end.
         tokens: targets scored, ``windows * (window - 1)``.
-        windows, window: how many windows, of how many tokens.
-        level, n_boot, seed: of the bootstrap.
+        windows: how many windows were scored.
+        window: tokens per window.
+        level: the interval's coverage (0.95: a 95% interval).
+        n_boot: resamples of the bootstrap.
+        seed: of the bootstrap's generator.
         window_nll: each window's summed NLL, for paired comparisons
             (:func:`perplexity_ratio`).
     """

@@ -59,7 +59,9 @@ from .device import default_device
 __all__ = [
     "SCHEMA_VERSION",
     "SUBCOMMANDS",
+    "Conversion",
     "CONVERSIONS",
+    "ScratchSize",
     "Plan",
     "plan",
     "calibration_tokens",
@@ -67,6 +69,8 @@ __all__ = [
     "run_quality",
     "run_uptrain",
     "run_scratch",
+    "scratch_designs",
+    "SCHEMA",
     "validate",
     "load_results",
     "main",

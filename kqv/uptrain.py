@@ -68,8 +68,9 @@ class TeacherData:
     Attributes:
         layer_inputs: for each layer, the input its attention reads, (N, T, hidden).
         logit_tokens: the sequences of phase 2, (steps, B, T).
-        top_logprobs, top_ids: the teacher's k most likely next tokens at every
-            position of those sequences and their log-probabilities, (steps, B, T, k).
+        top_logprobs: the log-probabilities of the teacher's k most likely next
+            tokens at every position of those sequences, (steps, B, T, k).
+        top_ids: which tokens those are, (steps, B, T, k).
     """
 
     layer_inputs: list[torch.Tensor]
@@ -126,7 +127,8 @@ def top_k_kl(student_logits: torch.Tensor, top_logprobs: torch.Tensor, top_ids: 
 
     Args:
         student_logits: (..., vocab).
-        top_logprobs, top_ids: the teacher's (..., k).
+        top_logprobs: the teacher's top-k log-probabilities, (..., k).
+        top_ids: their token ids, (..., k).
     """
     log_q = student_logits.float().log_softmax(-1)                              # (..., vocab)
     q_top = log_q.gather(-1, top_ids.long())                                    # (..., k)
