@@ -261,17 +261,24 @@ class Progress:
         self.overall = tqdm(total=round(total_seconds), desc="all work (estimated s)", unit="s",
                             disable=not enabled, position=0, dynamic_ncols=True)
 
-    def unit(self, desc: str, total: int, estimate: float) -> Callable[[int], None]:
-        """A bar for one unit of ``total`` steps worth ``estimate`` seconds; returns its update function."""
+    def unit(self, desc: str, segments: list[tuple[int, float]]) -> Callable[[int], None]:
+        """A bar for one unit made of ``segments``: (steps, estimated seconds per step), in order.
+
+        A repair's layer steps are cheap and its logit steps dear; weighting each
+        step by its own estimate keeps the whole-run bar's remaining time honest.
+        Returns the update function (call it with the number of steps just done).
+        """
+        total = sum(n for n, _ in segments)
         bar = self._tqdm(total=total, desc=desc, leave=False, disable=not self.enabled, position=1,
                          dynamic_ncols=True)
-        per_step = estimate / max(1, total)
+        costs = [seconds for n, seconds in segments for _ in range(n)]
         state = {"n": 0}
 
         def update(n: int = 1) -> None:
-            bar.update(n)
-            state["n"] += n
-            self.overall.update(per_step * n)
+            done = state["n"]
+            state["n"] = min(total, done + n)
+            bar.update(state["n"] - done)
+            self.overall.update(sum(costs[done : state["n"]]))
             if state["n"] >= total:
                 bar.close()
 
@@ -396,7 +403,7 @@ def _measure(smol: _Smol, work: Work, key: str, model_fn, progress: Progress, es
     if saved is not None:
         progress.skip(estimate)
         return saved
-    tick = progress.unit(f"measure {key}", 1, estimate)
+    tick = progress.unit(f"measure {key}", [(1, estimate)])
     model = model_fn()
     window = min(evaluate.WINDOW, smol.eval_ids.shape[1])
     result = {
@@ -506,8 +513,8 @@ def run_uptrain(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
                                             for s in range(rs.logit_steps)])  # (steps, B, T)
                 data = _teacher(smol, layer_tokens, logit_tokens, rs, seed)
                 student = copy.deepcopy(converted())
-                tick = bar.unit(f"repair {c.key} (seed {seed})", rs.layer_steps * len(student.layers)
-                                + rs.logit_steps, per_repair)
+                tick = bar.unit(f"repair {c.key} (seed {seed})",
+                                [(rs.layer_steps * len(student.layers), per_layer_step), (rs.logit_steps, per_logit)])
                 report = uptrain.repair(student, smol.model, data, rs, seed=seed,
                                         checkpoint_dir=work.path(name), progress=tick)
                 after = evaluate.perplexity_ci(student, smol.eval_ids, window=min(evaluate.WINDOW, smol.eval_ids.shape[1]))
@@ -623,7 +630,7 @@ def run_scratch(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
                 model = Decoder(config)
                 train.init_weights(model)
                 model.to(device)
-                tick = bar.unit(f"train {name} (seed {seed})", ts.steps, per_run)
+                tick = bar.unit(f"train {name} (seed {seed})", [(ts.steps, per_run / ts.steps)])
                 history = train.train_lm(model, train_ids, ts, seed=seed, checkpoint=work.path(f"{unit}.pt"),
                                          progress=lambda s, loss: tick(1))
                 window = min(ts.seq_len, val_ids.shape[1])
