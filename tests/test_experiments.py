@@ -40,7 +40,7 @@ def test_validate_names_every_problem():
     broken = copy.deepcopy(doc)
     del broken["date"]
     broken["results"][0]["parameters"] = "many"
-    with pytest.raises(ValueError, match=r"2 problem\(s\).*missing 'date'.*results\[0\]\.parameters: expected an integer"):
+    with pytest.raises(ValueError, match=r"(?s)2 problem\(s\).*missing 'date'.*results\[0\]\.parameters: expected an integer"):
         experiments.validate(broken)
     with pytest.raises(ValueError, match=r"subcommand must be one of"):
         experiments.validate({"subcommand": "other"})
