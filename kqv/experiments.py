@@ -17,11 +17,22 @@ Three subcommands, each writing one JSON file of results:
     MLA trained from scratch (:mod:`kqv.train`) at equal parameter count and
     equal tokens, with several seeds: validation loss against cache bytes.
 
-Options: ``--quick`` (tiny sizes: a minute or two, for tests), ``--device``
+Options: ``--quick`` (tiny sizes: about a minute each, for tests), ``--device``
 (cpu, cuda, mps; default the best present), ``--seeds``, ``--out`` (default
 ``results``). Sizes depend on the device (:func:`plan`): a CUDA device runs
-larger models for longer; the CPU sizes fit a 2-core machine (the full CPU run
-of all three took about 40 minutes on one, unloaded).
+larger models for longer (that path is untested: no GPU was at hand). The CPU
+sizes are for a 2-core machine. On this project's (two threads, other
+programs running too): ``uptrain`` 66 minutes with the load average at 10 to
+15 most of the time, ``quality`` 2 more (the measurements it shares with
+``uptrain`` are reused), ``scratch`` 10.5 minutes at a load near 1.5. Timed on
+the idle machine, the command estimates about 30 minutes for ``uptrain``
+(35 s a measurement, at most 312 s a repair), so about 45 minutes for all three.
+
+What ``scratch`` can show at the CPU size (1M parameters, 410K tokens, 3
+seeds): differences in validation loss larger than the spread over seeds,
+about 0.03 nats. It cannot show what happens at scale: how the cost of
+sharing K and V grows with model size, with context length, or with training
+long past the point where such a small model stops improving.
 
 Every unit of work (one model measured, one conversion repaired, one model
 trained) is saved when done, and training saves checkpoints as it goes, under
