@@ -73,9 +73,9 @@ __version__ = "0.1.0"
 # Every public submodule, reachable as an attribute: those above are imported
 # already, the others on first access (PEP 562), so ``import kqv`` stays light.
 _SUBMODULES = (
-    "attention", "bench", "cache", "configs", "convert", "corpus", "device", "diagrams", "evaluate", "explore",
+    "attention", "bench", "cache", "configs", "convert", "corpus", "device", "diagrams", "evaluate", "experiments", "explore",
     "flash", "heads", "mla", "model", "norm", "paged", "plots", "quant", "rope", "serving_results",
-    "smollm2", "window",
+    "smollm2", "train", "uptrain", "window",
 )
 
 

@@ -28,8 +28,8 @@ the numbers measured with these functions are the cost before any of that.
 Shapes follow the legend in :mod:`kqv` (d_c is the latent width, d_r the RoPE
 width kept per key).
 
-Book: chapter 6 (pooling), chapter 7 (latent cache, decoupled RoPE, absorption),
-chapter 8 (the measurements side by side).
+Book: chapters 6 and 7 (pooling), chapter 8 (latent cache, decoupled RoPE,
+absorption), chapter 9 (the measurements side by side), chapter 12 (repaired).
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ __all__ = [
     "LatentKVCache",
     "LatentKVAttention",
     "DecoupledRopeLatentAttention",
+    "fit_kv_group",
     "pool_kv_heads",
     "gqa_to_mqa",
     "joint_low_rank",
@@ -479,18 +480,91 @@ def _like(module: nn.Module, reference: nn.Module) -> nn.Module:
 
 
 @torch.no_grad()
-def pool_kv_heads(model: nn.Module, num_kv_heads: int) -> nn.Module:
-    """A copy of a GQA decoder with fewer KV heads, each the mean of a group of old ones.
+def fit_kv_group(
+    inputs: torch.Tensor, k_weights: torch.Tensor, v_weights: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One KV head fitted to stand for a group of g, on the activations ``inputs``.
+
+    Mean pooling gives every old head the same share and ignores the data. This
+    fits the shared head to what the group's heads actually produce, and puts
+    what distinguishes each old head into the weights that read it:
+
+    - values: the top-D principal directions U (g D, D) of the group's stacked
+      values on the inputs. The shared value is ``v = U^T [v_1; ...; v_g]``
+      and old head j's value is rebuilt as ``U_j v`` (U_j: rows j D .. (j+1) D
+      of U). Since the weighted sum over tokens is linear, ``U_j`` moves into
+      ``o_proj`` of every query head that read head j: exact, nothing cached.
+    - keys: a fixed matrix between the key and the query cannot move past RoPE,
+      which rotates each pair of coordinates by an angle that changes with the
+      position. A complex scalar can: read pair i of a key, (k[i], k[i + D/2]),
+      as the complex number z = k[i] + i k[i + D/2]; RoPE multiplies it by
+      e^(i angle), and scalars commute. So for each pair i, the group's keys
+      Z (N, g) are fitted by one shared key times one complex coefficient per
+      old head, ``z_j ~ a_j z``, the best rank-1 fit (top eigenvector u of Z^H Z,
+      ``z = Z u``, ``a_j = conj(u_j)``), and each query head that read head j
+      has its pair i multiplied by ``conj(a_j)``: ``q . (a_j z) = (conj(a_j) q) . z``.
+
+    With ``u_j = 1/g`` and ``U_j = I`` this is mean pooling; fitted, it is the
+    best shared head of this form for the inputs given (keys and values are
+    fitted, not the attention scores, so it is a start for repair, not an end).
+
+    Args:
+        inputs: X (N, hidden), what the layer's attention reads.
+        k_weights, v_weights: the group's key and value rows, (g, D, hidden) each
+            (rotate-half layout, as Llama and kqv).
+
+    Returns:
+        ``(k_proj, v_proj, key_coeff, value_up)``: the shared head's key and value
+        rows, (D, hidden) each; the complex coefficient ``conj(a_j)`` that query
+        heads of old head j multiply their pair i by, (g, D/2) complex; and
+        ``U_j``, (g, D, D), that their ``o_proj`` columns are multiplied by.
+        All float64 on the CPU.
+    """
+    g, D, hidden = k_weights.shape
+    if v_weights.shape != (g, D, hidden) or D % 2:
+        raise ValueError(
+            f"need key and value rows of one even shape (g, D, hidden), got {tuple(k_weights.shape)} "
+            f"and {tuple(v_weights.shape)}"
+        )
+    X = inputs.detach().to("cpu", torch.float64)                                  # (N, hidden)
+    Wk = k_weights.detach().to("cpu", torch.float64)
+    Wv = v_weights.detach().to("cpu", torch.float64).reshape(g * D, hidden)       # (g D, hidden)
+    with _one_thread():
+        V = X @ Wv.T                                                              # (N, g D)
+        _, vectors = torch.linalg.eigh(V.T @ V)                                   # ascending
+        U = vectors[:, -D:].flip(-1)                                              # (g D, D)
+        v_proj = U.T @ Wv                                                         # (D, hidden)
+        half = D // 2
+        w = torch.complex(Wk[:, :half], Wk[:, half:])                             # (g, D/2, hidden)
+        Z = torch.einsum("nd,gid->ign", X.to(torch.complex128), w)                # (D/2, g, N)
+        _, vecs = torch.linalg.eigh(Z @ Z.conj().transpose(1, 2))                 # (D/2, g, g), Hermitian
+        u = vecs[..., -1].conj()                                                  # (D/2, g): z = sum_j u_j z_j
+    shared = torch.einsum("ig,gid->id", u, w)                                     # (D/2, hidden)
+    k_proj = torch.cat((shared.real, shared.imag))                               # (D, hidden)
+    key_coeff = u.T.contiguous()                                                  # (g, D/2): conj(a_j) = u_j
+    return k_proj, v_proj, key_coeff, U.view(g, D, D)
+
+
+@torch.no_grad()
+def pool_kv_heads(model: nn.Module, num_kv_heads: int, *, calibration: torch.Tensor | None = None) -> nn.Module:
+    """A copy of a GQA decoder with fewer KV heads, each standing for a group of old ones.
 
     Query head h used KV head ``h // (H / H_kv)``; it now uses ``h // (H /
     num_kv_heads)``. So each new KV head replaces ``H_kv / num_kv_heads``
-    consecutive old ones, and its key and value projections are their mean.
+    consecutive old ones. Without calibration its key and value projections
+    are their mean, as Ainslie et al. (2023) convert MHA checkpoints to GQA.
     Averaging the projection rows equals averaging the keys themselves, even
     after RoPE: the rotation is linear and the same for every head.
+
+    With ``calibration``, each new head is fitted to the activations of that
+    text instead (:func:`fit_kv_group`), and the query and output projections
+    absorb what told the old heads apart. The cache is the same size either way.
 
     Args:
         model: a :class:`kqv.model.Decoder` with :class:`kqv.Attention` layers.
         num_kv_heads: the new H_kv; must divide the current one (1 gives MQA).
+        calibration: token ids (B, T) to fit to; several times the model's
+            width in tokens (a few thousand for SmolLM2). None: mean pooling.
 
     Returns:
         A new decoder (the input is unchanged); ``config.num_kv_heads`` is updated.
@@ -500,26 +574,51 @@ def pool_kv_heads(model: nn.Module, num_kv_heads: int) -> nn.Module:
     if num_kv_heads < 1 or H_kv % num_kv_heads:
         raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide the current number of KV heads ({H_kv})")
     group = H_kv // num_kv_heads
+    inputs = _calibration(model, calibration)
+    how = "fitted" if calibration is not None else "mean-pooled"
     new = _copy_without_attention(
-        model, f"{model.config.name} (KV heads mean-pooled {H_kv} -> {num_kv_heads})", num_kv_heads=num_kv_heads
+        model, f"{model.config.name} (KV heads {how} {H_kv} -> {num_kv_heads})", num_kv_heads=num_kv_heads
     )
-    for layer, old in zip(new.layers, attns):
-        D = old.head_dim
-        attn = Attention(
-            old.hidden_size, old.num_heads, num_kv_heads, D, rope_theta=old.rope_theta, fused=old.fused
-        )
-        attn.q_proj.weight.copy_(old.q_proj.weight)
-        attn.o_proj.weight.copy_(old.o_proj.weight)
-        for name in ("k_proj", "v_proj"):
-            w = getattr(old, name).weight.view(num_kv_heads, group, D, old.hidden_size)   # (H_kv', group, D, hidden)
-            getattr(attn, name).weight.copy_(w.float().mean(1).reshape(num_kv_heads * D, -1))
+    for layer, old, X in zip(new.layers, attns, inputs):
+        D, hidden = old.head_dim, old.hidden_size
+        attn = Attention(hidden, old.num_heads, num_kv_heads, D, rope_theta=old.rope_theta, fused=old.fused)
+        wk = old.k_proj.weight.view(num_kv_heads, group, D, hidden)               # (H_kv', group, D, hidden)
+        wv = old.v_proj.weight.view(num_kv_heads, group, D, hidden)
+        if X is None:
+            attn.q_proj.weight.copy_(old.q_proj.weight)
+            attn.o_proj.weight.copy_(old.o_proj.weight)
+            attn.k_proj.weight.copy_(wk.float().mean(1).reshape(num_kv_heads * D, hidden))
+            attn.v_proj.weight.copy_(wv.float().mean(1).reshape(num_kv_heads * D, hidden))
+        else:
+            half = D // 2
+            wq = old.q_proj.weight.detach().to("cpu", torch.float64).view(old.num_heads, D, hidden).clone()
+            wo = old.o_proj.weight.detach().to("cpu", torch.float64).view(hidden, old.num_heads, D).clone()
+            ks, vs = [], []
+            for n in range(num_kv_heads):
+                k_proj, v_proj, coeff, up = fit_kv_group(X, wk[n], wv[n])
+                ks.append(k_proj)
+                vs.append(v_proj)
+                for h in range(old.num_heads):
+                    j = h // old.q_per_kv - n * group                             # old head, within the group
+                    if not 0 <= j < group:
+                        continue
+                    q = torch.complex(wq[h, :half], wq[h, half:]) * coeff[j][:, None]   # (D/2, hidden)
+                    wq[h] = torch.cat((q.real, q.imag))
+                    wo[:, h] = wo[:, h] @ up[j]                                   # (hidden, D)
+            attn.q_proj.weight.copy_(wq.view(-1, hidden))
+            attn.o_proj.weight.copy_(wo.view(hidden, -1))
+            attn.k_proj.weight.copy_(torch.cat(ks))
+            attn.v_proj.weight.copy_(torch.cat(vs))
         layer.self_attn = _like(attn, old)
     return new
 
 
-def gqa_to_mqa(model: nn.Module) -> nn.Module:
-    """Multi-query attention: every query head shares one mean-pooled KV head (:func:`pool_kv_heads` with 1)."""
-    return pool_kv_heads(model, 1)
+def gqa_to_mqa(model: nn.Module, *, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Multi-query attention: every query head shares one KV head (:func:`pool_kv_heads` with 1).
+
+    Mean-pooled by default; fitted to the activations of ``calibration`` if given.
+    """
+    return pool_kv_heads(model, 1, calibration=calibration)
 
 
 @contextlib.contextmanager

@@ -42,7 +42,7 @@ SmolLM2 was trained on web text that very likely includes these pages, so its
 absolute perplexity here is optimistic; what this text measures well is the
 difference between two versions of one model on the same tokens.
 
-Book: the chapter on what each design costs; chapters 6 to 9 (the standard measurement).
+Book: chapter 12, "What each catalog costs"; chapters 6 to 9 (the standard measurement).
 """
 
 from __future__ import annotations

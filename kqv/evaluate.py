@@ -24,12 +24,14 @@ numbers from the committed results (``results/quality.json``, made by
 are compared with :func:`perplexity_ratio`, a paired bootstrap: much tighter
 than comparing two separate intervals.
 
-Why these sizes (measured on a 2-thread CPU, float32): SmolLM2-135M scores
-about 450 tokens a second in batches of 4 windows, so the full set takes about
-40 s a model and the live set about 5 s, which leaves a chapter that measures
-five models under a minute. Windows of 512 tokens give attention a real
-context (the cache matters at long contexts) while keeping 32 windows for the
-interval; 16,384 tokens put the full-size interval at roughly +-5%.
+Why these sizes (measured on this project's 2-core CPU, two threads, float32,
+with little else running): SmolLM2-135M scores about 450 tokens a second in
+batches of 4 windows, so the full set takes about 40 s a model and the live
+set about 5 s, which leaves a chapter that measures five models under a
+minute. Windows of 512 tokens give attention a real context (the cache
+matters at long contexts) while keeping 32 windows for the interval. For the
+original model the full-size interval is about +-10% (14.4, from 13.0 to 16.0);
+the paired ratio of two models is far tighter.
 
 Two short texts also ship with the package (``kqv/data``), written for the book:
 
@@ -38,7 +40,7 @@ Two short texts also ship with the package (``kqv/data``), written for the book:
 - :func:`calibration_text`, about 600 words on another subject (a river town
   and its bakers).
 
-Book: chapters 5 to 8 (what each conversion costs) and the chapter on what each design costs.
+Book: chapters 6 to 9 (what each conversion costs) and chapter 12, "What each catalog costs".
 """
 
 from __future__ import annotations
@@ -188,14 +190,14 @@ class PerplexityResult:
 
     Attributes:
         perplexity: exp(total NLL / targets) over all windows.
-        low: the interval's lower end (a ``level`` interval, 95% by default).
+        low: the interval's lower end.
         high: its upper end.
         tokens: targets scored, ``windows * (window - 1)``.
         windows: how many windows were scored.
         window: tokens per window.
-        level: the interval's coverage.
+        level: the interval's coverage (0.95: a 95% interval).
         n_boot: resamples of the bootstrap.
-        seed: the bootstrap's seed.
+        seed: of the bootstrap's generator.
         window_nll: each window's summed NLL, for paired comparisons
             (:func:`perplexity_ratio`).
     """

@@ -194,7 +194,9 @@ class MultiHeadLatentAttention(nn.Module):
 
         # What is cached: the normalized latent and one RoPE key per token.
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([d_c, d_r], dim=-1)  # (B, T, d_c), (B, T, d_r)
-        c_kv = self.kv_a_layernorm(c_kv)
+        # RMSNorm's float32 weight would promote a bfloat16 latent under autocast;
+        # keep it in the dtype of its RoPE neighbour, so that keys and queries agree.
+        c_kv = self.kv_a_layernorm(c_kv).to(k_rope.dtype)
         cos, sin = angles or self.rope_angles(positions)                    # (T, d_r/2)
         q_rope = apply_rope(q_rope, cos, sin, interleaved=True)             # (B, H, T, d_r)
         k_rope = apply_rope(k_rope.unsqueeze(1), cos, sin, interleaved=True).squeeze(1)  # (B, T, d_r)

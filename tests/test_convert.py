@@ -73,6 +73,61 @@ def test_mqa_is_the_mean_of_the_kv_heads(smol_small, ids):
     assert torch.equal(mqa.generate(ids, 5), mqa.generate(ids, 5, use_cache=False))
 
 
+def test_fitted_pooling_to_the_same_number_of_heads_changes_nothing(smol_small, ids, calibration):
+    same = convert.pool_kv_heads(smol_small, 3, calibration=calibration)
+    torch.testing.assert_close(same(ids), smol_small(ids), atol=2e-4, rtol=0)
+
+
+def test_fitted_mqa_is_exact_when_the_heads_agree(calibration):
+    """Three equal KV heads: mean pooling and fitting both give them back exactly."""
+    config = ModelConfig("tiny", num_layers=2, hidden_size=32, num_heads=6, num_kv_heads=3, head_dim=8,
+                         vocab_size=50, intermediate_size=64)
+    model = Decoder(config).eval()
+    with torch.no_grad():
+        for layer in model.layers:
+            for w in (layer.self_attn.k_proj.weight, layer.self_attn.v_proj.weight):
+                w.view(3, 8, 32)[1:] = w.view(3, 8, 32)[0]
+    x, cal = torch.randint(0, 50, (2, 20)), torch.randint(0, 50, (4, 64))
+    for mqa in (convert.gqa_to_mqa(model), convert.gqa_to_mqa(model, calibration=cal)):
+        torch.testing.assert_close(mqa(x), model(x), atol=1e-5, rtol=0)
+        assert mqa.config.num_kv_heads == 1
+
+
+def test_fitted_kv_group_beats_the_mean_on_its_inputs():
+    """The fitted head rebuilds the group's values and (pair by pair) keys better than their mean."""
+    g, D, hidden, N = 3, 8, 32, 500
+    X = torch.randn(N, hidden, dtype=torch.float64) * torch.linspace(0.1, 3, hidden, dtype=torch.float64)
+    wk = torch.randn(g, D, hidden, dtype=torch.float64)
+    wv = torch.randn(g, D, hidden, dtype=torch.float64)
+    k_proj, v_proj, coeff, up = convert.fit_kv_group(X, wk, wv)
+    values = torch.einsum("nd,gvd->gnv", X, wv)                                   # (g, N, D)
+    rebuilt = torch.einsum("gvw,nw->gnv", up, X @ v_proj.T)
+    mean = (X @ wv.mean(0).T).expand_as(values)
+    assert (rebuilt - values).pow(2).sum() < (mean - values).pow(2).sum()
+    half = D // 2
+    keys = torch.complex(*(torch.einsum("nd,gid->gni", X, w) for w in (wk[:, :half], wk[:, half:])))  # (g, N, D/2)
+    shared = torch.complex(X @ k_proj[:half].T, X @ k_proj[half:].T)               # (N, D/2)
+    fitted = shared.unsqueeze(0) * coeff.conj().unsqueeze(1)                        # z_j = a_j z, a_j = conj(coeff_j)
+    mean_keys = keys.mean(0, keepdim=True)
+    assert (fitted - keys).abs().pow(2).sum() < (mean_keys - keys).abs().pow(2).sum()
+
+
+def test_fitted_mqa_is_closer_to_the_original_than_mean_pooling(smol_small, calibration, eval_ids):
+    fitted = convert.gqa_to_mqa(smol_small, calibration=calibration)
+    mean = convert.gqa_to_mqa(smol_small)
+    assert "fitted" in fitted.config.name and fitted.config.num_kv_heads == 1
+    assert evaluate.cache_bytes_per_token(fitted) == evaluate.cache_bytes_per_token(mean)
+    target = smol_small(eval_ids).log_softmax(-1)
+    def kl(m):
+        return float((target.exp() * (target - m(eval_ids).log_softmax(-1))).sum(-1).mean())
+    assert kl(fitted) < kl(mean)
+
+
+def test_fit_kv_group_checks_its_shapes():
+    with pytest.raises(ValueError, match=r"one even shape \(g, D, hidden\), got \(3, 8, 32\) and \(3, 6, 32\)"):
+        convert.fit_kv_group(torch.randn(10, 32), torch.randn(3, 8, 32), torch.randn(3, 6, 32))
+
+
 def test_pooling_needs_a_divisor(smol_small):
     with pytest.raises(ValueError, match=r"num_kv_heads \(2\) must divide the current number of KV heads \(3\)"):
         convert.pool_kv_heads(smol_small, 2)
