@@ -84,6 +84,7 @@ def test_chapters_are_named_as_planned():
         "01_attention_as_search", "02_the_library", "03_multi_head_attention", "04_kv_cache",
         "05_rotary_positions", "06_multi_query_attention", "07_grouped_query_attention",
         "08_multi_head_latent_attention", "09_showdown", "10_fast_attention", "11_serving_the_cache",
+        "12_what_each_catalog_costs",
     }
     present = {p.stem for p in (BOOK / "chapters").glob("*.ipynb")}
     assert "01_attention_as_search" in present
