@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from kqv import configs, serving_results
+from kqv import configs, evaluate, serving_results
 from kqv.model import Decoder
 
 TINY = configs.get("HuggingFaceTB/SmolLM2-135M-Instruct").replace(
@@ -19,8 +19,10 @@ TINY = configs.get("HuggingFaceTB/SmolLM2-135M-Instruct").replace(
 def measured():
     torch.manual_seed(0)
     model = Decoder(TINY).eval()
-    ids = torch.randint(0, 61, (1, 40), generator=torch.Generator().manual_seed(1))
-    return serving_results.measure(model, ids, windows=(8, 16), sinks=(0, 2), chunk=4)
+    return serving_results.measure(model, IDS, window=20, windows=(8, 16), sinks=(0, 2), chunk=4)
+
+
+IDS = torch.randint(0, 61, (1, 45), generator=torch.Generator().manual_seed(1))  # two windows of 20, a tail
 
 
 def with_meta(measured):
@@ -39,10 +41,36 @@ def test_measure_gives_one_row_per_format_and_per_setting(measured):
     assert set(measured["seconds"]) == {"quality", "window"}
 
 
-def test_measure_refuses_a_window_as_long_as_the_text():
+def test_measure_is_the_standard_measurement_window_by_window(measured):
+    """Each setting is scored on the same whole windows as kqv.evaluate.perplexity_ci, and merged the same way."""
+    torch.manual_seed(0)
+    standard = evaluate.perplexity_ci(Decoder(TINY).eval(), IDS, window=20)
+    full = measured["window"][-1]
+    assert full["window"] is None and full["windows"] == standard.windows == 2
+    assert full["perplexity"] == pytest.approx(standard.perplexity, rel=1e-5)
+    assert full["window_nll"] == pytest.approx(list(standard.window_nll), rel=1e-5)
+    assert full["ratio_full"] == pytest.approx([1.0, 1.0, 1.0])
+    for row in measured["quality"] + measured["window"]:
+        assert row["low"] <= row["perplexity"] <= row["high"]
+        assert row["perplexity"] == pytest.approx(
+            torch.tensor(row["window_nll"], dtype=torch.float64).mean().div(19).exp().item(), rel=1e-9)
+    fp32 = measured["quality"][0]
+    assert fp32["format"] == "float32" and fp32["ratio_float32"] == pytest.approx([1.0, 1.0, 1.0])
+    assert fp32["perplexity"] == pytest.approx(standard.perplexity, rel=1e-4)  # through the cache, same numbers
+
+
+def test_merge_windows_refuses_rows_in_another_order():
+    a = [{"format": "float32", "perplexity": 2.0}, {"format": "int8", "perplexity": 3.0}]
+    with pytest.raises(ValueError, match=r"row 0 is not the same setting in every window"):
+        serving_results.merge_windows([a, a[::-1]], window=8)
+
+
+def test_measure_refuses_a_sliding_window_as_long_as_a_scored_window():
     model = Decoder(TINY).eval()
-    with pytest.raises(ValueError, match=r"the text has 12 tokens; every window must be shorter, got \[8, 12\]"):
-        serving_results.measure(model, torch.zeros(1, 12, dtype=torch.long), windows=(12, 8))
+    with pytest.raises(ValueError, match=r"shorter than the 12 tokens of a scored window, got \[8, 12\]"):
+        serving_results.measure(model, torch.zeros(1, 24, dtype=torch.long), window=12, windows=(12, 8))
+    with pytest.raises(ValueError, match=r"need at least one whole window of 12 tokens, got 11"):
+        serving_results.measure(model, torch.zeros(1, 11, dtype=torch.long), window=12, windows=(8,))
 
 
 def test_check_accepts_what_measure_gives_and_names_what_is_missing(measured):
@@ -52,8 +80,8 @@ def test_check_accepts_what_measure_gives_and_names_what_is_missing(measured):
     with pytest.raises(ValueError, match=r"meta lacks \['chunk'\]"):
         serving_results.check(broken)
     broken = with_meta(measured)
-    del broken["quality"][2]["perplexity"]
-    with pytest.raises(ValueError, match=r"a quality row lacks \['perplexity'\]"):
+    del broken["quality"][2]["high"]
+    with pytest.raises(ValueError, match=r"a quality row lacks \['high'\]"):
         serving_results.check(broken)
     broken = with_meta(measured)
     broken["quality"] = [row for row in broken["quality"] if row["format"] != "bfloat16"]
@@ -78,10 +106,12 @@ def test_load_reads_a_file_it_checks(tmp_path, measured):
         serving_results.load(path)
 
 
-def test_the_committed_results_are_smollm2s_over_the_whole_evaluation_text():
+def test_the_committed_results_are_smollm2s_standard_measurement():
     results = serving_results.load()
     meta = results["meta"]
     assert meta["text"] == serving_results.TEXT and not meta["quick"]
+    assert (meta["tokens"], meta["window"]) == (evaluate.FULL_TOKENS, evaluate.WINDOW)
+    assert {row["windows"] for row in results["quality"] + results["window"]} == {evaluate.FULL_TOKENS // evaluate.WINDOW}
     assert meta["command"].startswith("python -m kqv.serving_results")
     smol = configs.get("HuggingFaceTB/SmolLM2-135M-Instruct")
     bytes_per_token = {row["format"]: row["bytes_per_token"] for row in results["quality"]}
@@ -91,7 +121,16 @@ def test_the_committed_results_are_smollm2s_over_the_whole_evaluation_text():
     assert bytes_per_token["int8"] == bytes_per_token["fp8"] == 2 * 30 * 3 * (64 + 4)
     settings = {(row["window"], row["sinks"]) for row in results["window"]}
     assert settings == {(w, s) for w in serving_results.WINDOWS for s in serving_results.SINKS} | {(None, 0)}
-    assert max(serving_results.WINDOWS) < meta["tokens"]
+    assert max(serving_results.WINDOWS) < meta["window"]
+
+
+def test_the_committed_full_cache_scores_what_the_quality_results_do():
+    """Same model in float32, same windows: the serving results' full cache is results/quality.json's original."""
+    from kqv import experiments
+
+    original = next(r for r in experiments.load_results("quality")["results"] if r["key"] == "original")
+    full = next(row for row in serving_results.load()["window"] if row["window"] is None)
+    assert full["perplexity"] == pytest.approx(original["perplexity"]["perplexity"], rel=1e-3)
 
 
 def test_the_committed_text_is_what_evaluation_ids_reads():
