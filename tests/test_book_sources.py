@@ -162,27 +162,23 @@ def test_each_figure_is_placed_right_after_the_cell_that_draws_it(path):
 
 
 # A `% TODO(...)` Markdown comment is invisible on the site and in the learner's notebook, so nothing
-# but this test stops one from shipping. One form is allowed for now: `% TODO(link-12): ...`, left where
-# a link to chapter 12 ("What each catalog costs") belongs until that chapter is merged. Once it is,
-# drop ALLOWED_TODO (allow none) so that the test forbids every `% TODO`.
+# but this test stops one from shipping: every one must be resolved before a chapter lands.
 TODO_LINE = re.compile(r"^\s*%\s*TODO\b")
-ALLOWED_TODO = re.compile(r"^% TODO\(link-12\): \S")
 
 
 def _todo_lines(markdown: str) -> list[str]:
-    """The `% TODO` comment lines of a Markdown cell that are not of the one allowed form."""
-    return [line.strip() for line in markdown.splitlines() if TODO_LINE.match(line) and not ALLOWED_TODO.match(line)]
+    """The `% TODO` comment lines of a Markdown cell."""
+    return [line.strip() for line in markdown.splitlines() if TODO_LINE.match(line)]
 
 
 def test_todo_lines_are_recognized():
-    """The check itself: every other TODO form is caught, the link-12 form passes."""
-    text = "prose\n% TODO(results): numbers\n  % TODO: x\n% TODO(link): chapter 10\n% TODO(link-12) no colon\n% TODO(link-12): ch 12"
-    assert _todo_lines(text) == ["% TODO(results): numbers", "% TODO: x", "% TODO(link): chapter 10",
-                                 "% TODO(link-12) no colon"]
+    """The check itself: every TODO comment form is caught, and prose that mentions a TODO is not."""
+    text = "prose\n% TODO(results): numbers\n  % TODO: x\n% TODO(link-12): ch 12\na TODO in prose\n% a comment"
+    assert _todo_lines(text) == ["% TODO(results): numbers", "% TODO: x", "% TODO(link-12): ch 12"]
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.name)
 def test_no_todo_left_in_the_prose(path):
-    """No `% TODO` comment line remains in a chapter's Markdown, except `% TODO(link-12): ...` (see above)."""
+    """No `% TODO` comment line remains in a chapter's Markdown."""
     left = [line[:80] for cell in _cells(path) if cell.cell_type == "markdown" for line in _todo_lines(cell.source)]
-    assert not left, f"{path.name}: resolve these TODO lines (only '% TODO(link-12): ...' may stay): {left}"
+    assert not left, f"{path.name}: resolve these TODO lines: {left}"
