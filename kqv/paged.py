@@ -566,6 +566,7 @@ def _attend_blockwise(q, k_pool, v_pool, layout, q_pos, is_causal, scale) -> tor
     H_kv, bs = k_pool.shape[1], layout.block_size
     q_per_kv = H // H_kv
     qg = q.reshape(B, H_kv, q_per_kv * T, D)                            # a group's query heads stacked, as in GQA
+    exact = torch.promote_types(q.dtype, torch.float32)                 # half precision up to float32; float64 stays
     # The pool's blocks below `high` in place, then the second readers of shared blocks (copies).
     parts = [(k_pool[: layout.high], v_pool[: layout.high], layout.readers, layout.first_pos)]
     if layout.extra_blocks.numel():
@@ -574,24 +575,24 @@ def _attend_blockwise(q, k_pool, v_pool, layout, q_pos, is_causal, scale) -> tor
     scores, rows_of = [], []
     for k, _, readers, first in parts:
         rows = readers.clamp(min=0)                                     # blocks nobody reads: row 0, all masked
-        s = (qg[rows] @ k.transpose(-2, -1)).float() * scale             # (n, H_kv, q_per_kv*T, bs)
+        s = (qg[rows] @ k.transpose(-2, -1)).to(exact) * scale           # (n, H_kv, q_per_kv*T, bs)
         visible = _visible(first.unsqueeze(1) + offsets, rows, q_pos, layout.lengths, is_causal)  # (n, T, bs)
         visible = visible & (readers >= 0).view(-1, 1, 1)
         s = s.view(-1, H_kv, q_per_kv, T, bs).masked_fill(~visible[:, None, None], float("-inf"))
         scores.append(s)                                                # (n, H_kv, q_per_kv, T, bs)
         rows_of.append(rows)
     # Each row's largest score over all its blocks: the softmax's shift.
-    top = torch.full((B, H_kv, q_per_kv, T), float("-inf"), device=q.device)
+    top = torch.full((B, H_kv, q_per_kv, T), float("-inf"), device=q.device, dtype=exact)
     for s, rows in zip(scores, rows_of):
         block_max = s.amax(-1)                                          # (n, H_kv, q_per_kv, T)
         top.scatter_reduce_(0, rows.view(-1, 1, 1, 1).expand_as(block_max), block_max, "amax")
-    total = torch.zeros(B, H_kv, q_per_kv, T, device=q.device)
-    out = torch.zeros(B, H_kv, q_per_kv, T, v_pool.shape[-1], device=q.device)
+    total = torch.zeros(B, H_kv, q_per_kv, T, device=q.device, dtype=exact)
+    out = torch.zeros(B, H_kv, q_per_kv, T, v_pool.shape[-1], device=q.device, dtype=exact)
     for s, rows, (_, v, _, _) in zip(scores, rows_of, parts):
         p = torch.exp(s - top[rows].unsqueeze(-1))                     # (n, H_kv, q_per_kv, T, bs); masked: 0
         total.index_add_(0, rows, p.sum(-1))
         pv = p.flatten(2, 3).to(v.dtype) @ v                            # (n, H_kv, q_per_kv*T, D_v)
-        out.index_add_(0, rows, pv.view(-1, H_kv, q_per_kv, T, pv.shape[-1]).float())
+        out.index_add_(0, rows, pv.view(-1, H_kv, q_per_kv, T, pv.shape[-1]).to(exact))
     out = out / total.unsqueeze(-1)                                     # (B, H_kv, q_per_kv, T, D_v)
     return out.reshape(B, H, T, -1).to(q.dtype)                         # (B, H, T, D_v)
 

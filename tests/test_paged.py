@@ -169,7 +169,7 @@ def reference_paged(q, k_pool, v_pool, tables, lengths, is_causal=True):
 
 @pytest.mark.parametrize("blockwise", [True, False])
 @pytest.mark.parametrize("T, is_causal", [(1, True), (3, True), (3, False)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_paged_attention_equals_reference(device, blockwise, T, is_causal, dtype):
     lengths, bs, N, H, H_kv, D = [5, 17, 3, 40], 4, 40, 6, 2, 8
     tables, layout = random_layout(lengths, T, bs, N, share=([1, 3], 3))
