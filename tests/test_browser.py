@@ -232,10 +232,11 @@ def _toc_shown(page) -> bool:
     )
 
 
+@pytest.mark.parametrize("mode", ["light", "dark"])
 @pytest.mark.parametrize("width", WIDTHS)
-def test_navigation_buttons_work_at_every_width(browser, base_url, width):
+def test_navigation_buttons_work_at_every_width(browser, base_url, width, mode):
     """The visible menu and contents buttons open and close the chapter list and the page's contents."""
-    context, page, record = _open(browser, base_url, "book/chapters/04_kv_cache.html", width=width)
+    context, page, record = _open(browser, base_url, "book/chapters/04_kv_cache.html", width=width, mode=mode)
     try:
         search = page.locator(".search-button-field:visible, .search-button:visible")
         assert search.count() == 1, f"{search.count()} search boxes at {width} px"
@@ -312,9 +313,12 @@ def test_figures_are_sharp_and_legible(browser, base_url, path, width):
         context.close()
 
 
-@pytest.mark.parametrize("path", CHAPTER_PAGES[:1] + CHAPTER_PAGES[-1:])
-def test_dark_mode_figures_follow_the_theme(browser, base_url, path):
-    context, page, record = _open(browser, base_url, path, mode="dark")
+@pytest.mark.parametrize("width", [PHONE, DESKTOP])
+@pytest.mark.parametrize("path", CHAPTER_PAGES)
+def test_dark_mode_figures_follow_the_theme(browser, base_url, path, width):
+    """In dark mode, on a phone and a desktop: figure text is light and unfiltered, explorers sit on a dark
+    background, every explorer's control still changes its picture, and nothing is wider than the screen."""
+    context, page, record = _open(browser, base_url, path, width=width, mode="dark")
     try:
         assert page.evaluate("() => document.documentElement.dataset.theme") == "dark"
         colours = page.evaluate(
@@ -346,6 +350,9 @@ def test_dark_mode_figures_follow_the_theme(browser, base_url, path):
                 assert alpha == 0 or 0.2126 * r + 0.7152 * g + 0.0722 * b < 100, (
                     f"{path}: an explorer sits on a light background {colour} in dark mode: its text is unreadable"
                 )
+        _check_explorers(page)
+        wide = page.evaluate("() => document.documentElement.scrollWidth - window.innerWidth")
+        assert wide <= 1, f"{path} at {width} px in dark mode: the page is {wide} px wider than the screen"
     finally:
         context.close()
     assert not record.console_errors, record.console_errors
