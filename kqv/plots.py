@@ -63,6 +63,7 @@ __all__ = [
     "INK",
     "DARK",
     "DESIGNS",
+    "SERIES",
     "ROLES",
     "look",
     "MIN_FONT_PT",
@@ -121,6 +122,17 @@ DESIGNS: dict[str, dict[str, str]] = {
     "MLA": {"color": OKABE_ITO["reddish purple"], "marker": "D", "label": "MLA"},
     "latent": {"color": OKABE_ITO["orange"], "marker": "v", "label": "latent K/V"},
 }
+
+#: Looks for series that are not designs (prefill and decode, with and without sinks, one
+#: scaling rule or another): colours and markers that no design uses, so that a reader who
+#: learned :data:`DESIGNS` never takes such a line for MHA or MQA. The ink follows the theme
+#: on the site (it becomes the text colour in dark mode); the line styles tell the series
+#: apart without colour too (none is dotted: dotted lines mark references, such as a full cache).
+SERIES: tuple[dict[str, str], ...] = (
+    {"color": INK, "marker": "X", "linestyle": "-"},
+    {"color": OKABE_ITO["sky blue"], "marker": "P", "linestyle": "--"},
+    {"color": INK, "marker": "p", "linestyle": "-."},
+)
 
 #: One colour per role in the concept diagrams (:mod:`kqv.diagrams`), the same in every chapter:
 #: a query is always reddish purple, a key yellow, a value sky blue (the roles of Jay Alammar's
