@@ -20,6 +20,10 @@ So the cache keeps the first ``sinks`` tokens for good and rolls the rest::
     window = 6, sinks = 2:        slot  0    1  | 2    3    4    5
                                   pos   0    1  | 8    9    6    7   (a rolling buffer of 4)
 
+Like :class:`kqv.KVCache`, a window cache holds one fill level for the whole
+batch: every row has written the same number of tokens. Rows of different
+lengths are the paged cache's job (:mod:`kqv.paged`).
+
 ``window`` counts every slot, sinks included, so that a cache with and
 without sinks holds the same number of tokens; it must be larger than
 ``sinks`` (at least one slot for the new token).
