@@ -160,3 +160,15 @@ def test_explorers_are_drawn_in_advance(chapter, rendered):
             data = output.get("data", {})
             assert reader_notebooks.WIDGET_VIEW not in data, f"{chapter.name}: a stored widget view"
     assert "widgets" not in nb.metadata
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=_id)
+def test_timings_keep_their_tag(chapter):
+    """A timing cell (nbval-ignore-output) keeps its tag in the learner's notebook, so that
+    `make test-fresh` does not report its numbers as differences; no other cell gets it."""
+    def timed(cells):
+        return [c.source for c in cells if c.cell_type == "code" and "nbval-ignore-output" in c.metadata.get("tags", [])]
+
+    source = nbformat.read(chapter, as_version=4).cells
+    reader = nbformat.read(reader_notebooks.OUT / chapter.name, as_version=4).cells
+    assert timed(reader) == [s for s in timed(source) if any(c.source == s for c in reader)]

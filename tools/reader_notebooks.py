@@ -581,6 +581,8 @@ def convert(path: Path, book: Book) -> nbformat.NotebookNode:
             new.metadata["jupyter"] = {"source_hidden": True}
         if "hide-output" in tags:
             new.metadata.setdefault("jupyter", {})["outputs_hidden"] = True
+        if "nbval-ignore-output" in tags:  # a timing: tools/test_fresh.py does not compare its text
+            new.metadata["tags"] = ["nbval-ignore-output"]
         cells.append(new)
     if solution is not None:
         raise ConversionError(f"{path.name}: solution {solution_label!r} has no {{solution-end}}")

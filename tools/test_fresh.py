@@ -14,7 +14,7 @@ For each set of versions:
    it uses for the public repository (only the URL differs);
 3. for each notebook the report gives: ran, or its first error; wall time; the
    cells whose text (printed output and text results) differs from the stored
-   outputs; and any preinstalled package that the install cell changed (it must
+   outputs (timings, tagged ``nbval-ignore-output``, are not compared); and any preinstalled package that the install cell changed (it must
    not upgrade what Colab's front end relies on, ipywidgets above all).
 
 The report is printed and written to _build/fresh/report-<versions>.md; the README
@@ -127,6 +127,8 @@ def run_notebook(path: Path, clone: Path, branch: str, kernel: str, workdir: Pat
             continue  # the install cell prints pip's progress on a fresh machine
         if new.get("execution_count") is None:
             break
+        if "nbval-ignore-output" in old.metadata.get("tags", []):
+            continue  # a timing, which differs from run to run (nbval skips it too)
         if texts(new) != texts(old):
             result["differ"].append(k)
     return result
@@ -176,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"   {path.name} ...", flush=True)
                 workdir = tmp / "work"
                 workdir.mkdir(exist_ok=True)
-                result = run_notebook(path, clone, branch, kernel, workdir)
+                # The clone's copy, so that notebooks and kqv come from the same commit.
+                result = run_notebook(clone / "notebooks" / path.name, clone, branch, kernel, workdir)
                 print(f"     {'ran' if result['ran'] else 'FAILED: ' + result['error']} in {result['seconds']:.0f} s; "
                       f"cells whose text differs: {result['differ'] or 'none'}", flush=True)
                 results.append(result)
