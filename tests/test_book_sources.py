@@ -98,7 +98,7 @@ import ast  # noqa: E402
 import nbformat  # noqa: E402
 
 CHAPTERS = sorted((BOOK / "chapters").glob("*.ipynb"))
-MAX_VISIBLE_LINES = 25
+MAX_VISIBLE_LINES = 20
 PLUMBING = ("plots.glue_number",)
 
 
