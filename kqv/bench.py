@@ -74,7 +74,7 @@ import torch.nn.functional as F
 from . import configs
 from .attention import repeat_kv, scaled_dot_product_attention
 from .cache import KVCache
-from .device import default_device
+from .device import default_device, device_name
 from .model import make_attention
 from .paged import DEFAULT_BLOCK_SIZE, BlockManager, PagedKVCache, mixed_lengths
 
@@ -253,19 +253,6 @@ def _race(
     diff = _relative_diff(first, second)
     times = measure(fns, device=device, repeats=repeats, warmup=warmup, flush=CacheFlusher(device) if flush else None)
     return diff, times, [_median(t) for t in times.values()]
-
-
-def device_name(device: torch.device) -> str:
-    """The GPU's or the CPU's model name."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _resolve(device, dtype) -> tuple[torch.device, torch.dtype]:

@@ -66,7 +66,7 @@ import torch
 
 from . import convert, corpus, evaluate, train, uptrain
 from .configs import ModelConfig, kv_elements_per_token
-from .device import default_device
+from .device import default_device, device_name
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -323,20 +323,6 @@ def _timing(fn: Callable[[], None], repeat: int = 2) -> float:
 # --- The environment, recorded ------------------------------------------------------------
 
 
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    if device.type == "cpu":
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
-        return platform.processor() or platform.machine()
-    return device.type
-
-
 def _versions() -> dict[str, str]:
     from . import __version__
 
@@ -365,7 +351,7 @@ def _header(subcommand: str, argv: list[str], device: torch.device, the_plan: Pl
         "command": " ".join(["python -m kqv.experiments", *argv]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": device.type,
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         # Training's autocast dtype; every measurement runs in float32.
         "precision": str((None if subcommand == "quality" else train.autocast_dtype(device, the_plan.repair.precision))

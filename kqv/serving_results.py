@@ -49,6 +49,7 @@ from typing import Callable, Sequence
 
 import torch
 
+from .device import device_name
 from .evaluate import WINDOW, _bootstrap
 
 __all__ = [
@@ -211,12 +212,6 @@ def measure(
     return {"quality": quality, "window": swept, "seconds": seconds}
 
 
-def _device_name(device: torch.device) -> str:
-    from .bench import device_name
-
-    return device_name(device)
-
-
 def run(
     *,
     device: torch.device | str | None = None,
@@ -242,7 +237,7 @@ def run(
         "command": command,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
-        "device_name": _device_name(device),
+        "device_name": device_name(device),
         "threads": torch.get_num_threads(),
         "environment": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
         "versions": {"kqv": __version__, "torch": torch.__version__, "python": platform.python_version()},

@@ -33,21 +33,12 @@ import pytest
 import torch
 
 from kqv import configs, explore, heads
+from test_browser import CHROMIUM, TIMEOUT_MS, _QuietHandler, browser  # noqa: F401 (the same chromium, one fixture)
 from test_explore import PROMPTS, tiny_model_and_tokenizer
 
 pytestmark = pytest.mark.book
 
 ROOT = Path(__file__).resolve().parent.parent
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-    "--disable-dev-shm-usage",
-]
-TIMEOUT_MS = 30_000
 DTYPES = list(explore.CACHE_DTYPES)
 
 # Chapter 2's shelf: eight books whose scores give the article's 70 / 25 / 5 at temperature 1.
@@ -136,27 +127,11 @@ def base_url(tmp_path_factory, tiny):
         (folder / f"{mode}.html").write_text(_page(mode, outputs), encoding="utf-8")
         (folder / f"notebook-{mode}.html").write_text(_notebook_page(mode, outputs), encoding="utf-8")
 
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def log_message(self, format, *args):  # noqa: A002
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(folder)))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(folder)))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}"
     server.shutdown()
     server.server_close()
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not Path(CHROMIUM).is_file():
-        pytest.fail(f"{CHROMIUM} is missing: `make chromium` installs Debian's package", pytrace=False)
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture
