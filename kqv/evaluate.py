@@ -64,6 +64,7 @@ __all__ = [
     "perplexity_ratio",
     "eval_text",
     "calibration_text",
+    "one_text",
     "perplexity",
     "cache_bytes_per_token",
     "compare",
@@ -93,6 +94,19 @@ def calibration_text() -> str:
     return _data("calibration_text.txt")
 
 
+def one_text(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Token ids of one text, (T,) or (1, T) with T >= 2, as (1, T) on the model's device.
+
+    The check every measurement of one text shares (:func:`perplexity`,
+    :func:`kqv.quant.cache_quality`, :func:`kqv.window.window_perplexity`).
+    """
+    if input_ids.dim() == 1:
+        input_ids = input_ids.unsqueeze(0)
+    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
+        raise ValueError(f"need token ids of shape (1, T) with T >= 2, got {tuple(input_ids.shape)}")
+    return input_ids.to(next(model.parameters()).device)
+
+
 @torch.no_grad()
 def perplexity(model: nn.Module, input_ids: torch.Tensor, *, window: int | None = None) -> float:
     """exp(mean cross-entropy) of every token after the first, given the ones before it.
@@ -106,14 +120,9 @@ def perplexity(model: nn.Module, input_ids: torch.Tensor, *, window: int | None 
     Returns:
         The perplexity, a float >= 1.
     """
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
-        raise ValueError(f"need token ids of shape (1, T) with T >= 2, got {tuple(input_ids.shape)}")
+    input_ids = one_text(model, input_ids)
     if window is not None and window < 2:
         raise ValueError(f"window must be at least 2 tokens, got {window}")
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
     T = input_ids.shape[1]
     window = window or T
     total, count = 0.0, 0

@@ -304,12 +304,9 @@ def cache_quality(
         ``agreement_<r>``: the fraction of positions whose most likely next
         token is the one predicted with the r cache.
     """
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
-        raise ValueError(f"need token ids of shape (1, T) with T >= 2, got {tuple(input_ids.shape)}")
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
+    from .evaluate import one_text
+
+    input_ids = one_text(model, input_ids)
     T = input_ids.shape[1]
     chunk = chunk or T
     predictions, rows = {}, []

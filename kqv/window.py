@@ -386,14 +386,11 @@ def window_perplexity(
             with ``"cache"`` the later tokens of a chunk see the sinks a little
             further away (see :mod:`kqv.window`).
     """
-    if input_ids.dim() == 1:
-        input_ids = input_ids.unsqueeze(0)
-    if input_ids.dim() != 2 or input_ids.shape[0] != 1 or input_ids.shape[1] < 2:
-        raise ValueError(f"need token ids of shape (1, T) with T >= 2, got {tuple(input_ids.shape)}")
+    from .evaluate import one_text
+
+    input_ids = one_text(model, input_ids)
     if chunk is not None and chunk < 1:
         raise ValueError(f"chunk must be at least 1, got {chunk}")
-    device = next(model.parameters()).device
-    input_ids = input_ids.to(device)
     T = input_ids.shape[1]
     cache = window_cache(model, 1, window, sinks=sinks, sink_positions=sink_positions)
     logits, start = [], 0
