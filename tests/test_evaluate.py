@@ -2,6 +2,7 @@
 
 import copy
 import math
+import re
 
 import pytest
 import torch
@@ -150,3 +151,11 @@ def test_paired_ratio_needs_the_same_windows():
 def test_window_nll_needs_a_whole_window():
     with pytest.raises(ValueError, match=r"at least one whole window of 16 tokens, got 10"):
         evaluate.window_nll(tiny_decoder(), torch.zeros(1, 10, dtype=torch.long), window=16)
+
+
+def test_one_text_shapes_and_names_a_bad_shape():
+    model = torch.nn.Linear(2, 2)  # only its device is read
+    assert evaluate.one_text(model, torch.tensor([1, 2, 3])).shape == (1, 3)
+    for bad in (torch.zeros(2, 5, dtype=torch.long), torch.zeros(1, 1, dtype=torch.long)):
+        with pytest.raises(ValueError, match=re.escape(f"need token ids of shape (1, T) with T >= 2, got {tuple(bad.shape)}")):
+            evaluate.one_text(model, bad)
