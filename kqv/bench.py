@@ -768,8 +768,8 @@ def paged_vs_dense_decode(
     key and value, then attend over its whole cache.
 
     - dense: a :class:`kqv.cache.KVCache` of B x (longest + steps) slots, each
-      sequence left-padded to the longest (one fill level for the batch, as
-      kqv's dense cache has), with a mask that hides the padding;
+      sequence left-padded to the longest (one fill level for the batch, so
+      that a step writes one slice), with a mask that hides the padding;
     - paged: a :class:`kqv.paged.PagedKVCache` whose pool has just the blocks
       the sequences need; each step begins on the :class:`~kqv.paged.BlockManager`
       (its bookkeeping is timed too) and attends block by block.

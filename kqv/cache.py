@@ -14,6 +14,15 @@ level, like gpt-fast's and torchtune's, plus what those lack: it reports
   number of heads.
 - :class:`ModelCache` is one cache per layer of a decoder.
 
+Rows of different lengths. Each row of a cache is one sequence with its own
+fill level. :meth:`Cache.select` picks the rows that the next forward pass
+writes to and reads (all of them by default), and :meth:`Cache.reset` can
+empty some rows for new sequences: a batch whose sequences have different
+lengths, joining and leaving between steps, as a server's does. Rows that hold
+different numbers of tokens get their own positions and a mask that hides
+each row's unused slots. The slots a row never fills are still reserved: the
+paged cache of :mod:`kqv.paged` is the one that stops reserving them.
+
 What an attention module asks of a cache: ``update`` (:meth:`KVCache.update`,
 :meth:`LatentCache.update`) stores the new tokens and returns what attention
 reads, :meth:`Cache.attend` computes the attention of the new queries over it,
@@ -59,14 +68,18 @@ class Cache:
         if not dtype.is_floating_point:
             raise TypeError(f"a cache holds floating-point numbers, got dtype {dtype}")
         self.max_len = max_len
-        self.length = 0  # S: how many tokens the cache holds
         self._seq_dims: dict[str, int] = {}
         self.buffers: dict[str, torch.Tensor] = {}
         for name, shape in shapes.items():
             seq_dim = shape.index(None)
+            if seq_dim == 0:
+                raise ValueError(f"{name}: axis 0 is the batch axis, the sequence axis comes after it; got {shape}")
             full = tuple(max_len if s is None else s for s in shape)
             self._seq_dims[name] = seq_dim
             self.buffers[name] = torch.zeros(full, dtype=(dtypes or {}).get(name, dtype), device=device)
+        self.lengths = [0] * self.num_rows     # S of each row: how many tokens it holds
+        self._rows: list[int] | None = None   # the selected rows; None: all of them
+        self._key_lengths: torch.Tensor | None = None   # (b,) after an update whose rows differ, for attend
 
     # --- what it holds -------------------------------------------------------
     @property
@@ -78,8 +91,32 @@ class Cache:
         return next(iter(self.buffers.values())).device
 
     @property
-    def batch_size(self) -> int:
+    def num_rows(self) -> int:
+        """Rows the cache has room for: one sequence each."""
         return next(iter(self.buffers.values())).shape[0]
+
+    @property
+    def rows(self) -> list[int]:
+        """The rows the next forward pass writes to and reads, in its batch order (see :meth:`select`)."""
+        return list(range(self.num_rows)) if self._rows is None else list(self._rows)
+
+    @property
+    def batch_size(self) -> int:
+        """B of the next forward pass: the number of selected rows."""
+        return self.num_rows if self._rows is None else len(self._rows)
+
+    @property
+    def length(self) -> int:
+        """S: the tokens the selected rows hold (the longest of them, when they differ)."""
+        return max(self.lengths[r] for r in self.rows)
+
+    @length.setter
+    def length(self, value: int) -> None:
+        """Set every selected row's fill level (to forget tokens written after it)."""
+        if not 0 <= value <= self.max_len:
+            raise ValueError(f"length must be in 0..max_len={self.max_len}, got {value}")
+        for r in self.rows:
+            self.lengths[r] = value
 
     @property
     def bytes_per_token(self) -> int:
@@ -96,9 +133,15 @@ class Cache:
         return sum(buf.element_size() * buf.numel() for buf in self.buffers.values())
 
     @property
-    def next_position(self) -> int:
-        """The position of the next token written: here, the number of tokens held."""
-        return self.length
+    def next_position(self) -> int | torch.Tensor:
+        """The position of the next token written: the number of tokens held.
+
+        One int when the selected rows hold equally many, else a (B,) tensor of them.
+        """
+        held = [self.lengths[r] for r in self.rows]
+        if len(set(held)) == 1:
+            return held[0]
+        return torch.tensor(held, device=self.device)
 
     def __len__(self) -> int:
         return self.length
@@ -110,44 +153,94 @@ class Cache:
             f"bytes_per_token={self.bytes_per_token})"
         )
 
-    # --- filling it ----------------------------------------------------------
-    def append(self, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """Write T new tokens after the S held ones and return views of all S + T.
+    # --- choosing rows ---------------------------------------------------------
+    def _check_rows(self, rows: Sequence[int]) -> list[int]:
+        rows = [int(r) for r in rows]
+        bad = [r for r in rows if not 0 <= r < self.num_rows]
+        if bad or not rows or len(set(rows)) != len(rows):
+            raise ValueError(
+                f"rows must be distinct, at least one, each in 0..{self.num_rows - 1} "
+                f"(the cache has {self.num_rows} rows); got {rows}"
+            )
+        return rows
 
-        Every buffer must be given, each with T on its sequence axis.
+    def select(self, rows: Sequence[int] | None = None) -> None:
+        """Make the next forward passes write to and read ``rows`` only, in that order (None: every row).
+
+        The batch a module is then given has ``len(rows)`` sequences: row
+        ``rows[i]`` takes batch element i. With one row selected, a sequence
+        is prefilled alone; with all of them, the batch decodes together.
         """
+        self._rows = None if rows is None else self._check_rows(rows)
+        self._key_lengths = None
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Forget every token of ``rows`` (default: of every row); the buffers stay allocated.
+
+        An emptied row takes a new sequence: that is how one leaves and another joins.
+        """
+        for r in range(self.num_rows) if rows is None else self._check_rows(rows):
+            self.lengths[r] = 0
+        self._key_lengths = None
+
+    # --- filling it ----------------------------------------------------------
+    def _check_new(self, new: dict[str, torch.Tensor]) -> int:
+        """Check the new tokens' tensors against the buffers (B = the selected rows); return T."""
         if set(new) != set(self.buffers):
             raise ValueError(f"expected tensors for {sorted(self.buffers)}, got {sorted(new)}")
         lengths = {name: t.shape[self._seq_dims[name]] for name, t in new.items() if t.dim()}
         if len(set(lengths.values())) != 1:
             raise ValueError(f"new tensors disagree on the number of tokens: {lengths}")
         T = next(iter(lengths.values()))
-        if self.length + T > self.max_len:
-            raise RuntimeError(
-                f"cache overflow: it holds {self.length} of max_len={self.max_len} tokens "
-                f"and cannot take {T} more; create it with a larger max_len"
-            )
-        start, end = self.length, self.length + T
-        views = []
         for name, t in new.items():
             buf, dim = self.buffers[name], self._seq_dims[name]
             expected = list(buf.shape)
-            expected[dim] = T
+            expected[0], expected[dim] = self.batch_size, T
             if list(t.shape) != expected:
                 raise ValueError(
                     f"{name} has shape {tuple(t.shape)}, the cache expects {tuple(expected)}"
                 )
             if t.dtype != buf.dtype:
                 raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {buf.dtype}")
-            buf.narrow(dim, start, T).copy_(t)
-        self.length = end
-        for name in new:
-            views.append(self.buffers[name].narrow(self._seq_dims[name], 0, end))
-        return tuple(views)
+        return T
 
-    def reset(self) -> None:
-        """Forget every token (the buffers stay allocated)."""
-        self.length = 0
+    def append(self, **new: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Write T new tokens after the S held ones of each selected row and return all S + T.
+
+        Every buffer must be given, each with T on its sequence axis and the
+        selected rows on its batch axis. With every row selected the results
+        are views of the buffers; with some, copies of those rows. When the
+        rows hold different numbers of tokens, each is returned up to the
+        longest, and :meth:`attend` masks the slots a row has not filled.
+        """
+        T = self._check_new(new)
+        rows = self.rows
+        starts = [self.lengths[r] for r in rows]
+        full = [(r, s) for r, s in zip(rows, starts) if s + T > self.max_len]
+        if full:
+            r, s = full[0]
+            raise RuntimeError(
+                f"cache overflow: row {r} holds {s} of max_len={self.max_len} tokens "
+                f"and cannot take {T} more; create it with a larger max_len"
+            )
+        every_row = self._rows is None or rows == list(range(self.num_rows))
+        for name, t in new.items():
+            buf, dim = self.buffers[name], self._seq_dims[name]
+            if every_row and len(set(starts)) == 1:
+                buf.narrow(dim, starts[0], T).copy_(t)          # one fill level: one slice
+            else:
+                for i, (r, start) in enumerate(zip(rows, starts)):
+                    buf[r].narrow(dim - 1, start, T).copy_(t[i])
+        ends = [s + T for s in starts]
+        for r, end in zip(rows, ends):
+            self.lengths[r] = end
+        self._key_lengths = None if len(set(ends)) == 1 else torch.tensor(ends, device=self.device)
+        index = None if every_row else torch.tensor(rows, device=self.device)
+        views = []
+        for name in new:
+            buf = self.buffers[name] if index is None else self.buffers[name].index_select(0, index)
+            views.append(buf.narrow(self._seq_dims[name], 0, max(ends)))
+        return tuple(views)
 
     def attend(
         self,
@@ -163,12 +256,24 @@ class Cache:
 
         Here every row holds its tokens in order, the new ones last, so this is
         :func:`kqv.attention.scaled_dot_product_attention` with its bottom-right
-        causal mask. Caches that hold tokens otherwise (in blocks, in a rolling
-        window) know which key each query may see, and override this.
+        causal mask. Rows of different lengths each end at their own length:
+        key j is seen by row r's query i when j <= L_r - T + i (j < L_r without
+        the causal mask). Caches that hold tokens otherwise (in blocks, in a
+        rolling window) know which key each query may see, and override this.
         """
         from .attention import scaled_dot_product_attention  # attention.py imports this module
 
-        return scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, fused=fused)
+        if self._key_lengths is None:
+            return scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale, fused=fused)
+        T, S = q.shape[-2], k.shape[-2]
+        L = self._key_lengths.view(-1, 1, 1, 1)                                 # (B, 1, 1, 1)
+        key = torch.arange(S, device=q.device)                                  # (S,)
+        if is_causal:
+            query = L - T + torch.arange(T, device=q.device).view(-1, 1)        # (B, 1, T, 1): its position
+            mask = key <= query                                                 # (B, 1, T, S)
+        else:
+            mask = key < L                                                      # (B, 1, 1, S)
+        return scaled_dot_product_attention(q, k, v, mask=mask, scale=scale, fused=fused)
 
 
 class KVCache(Cache):
@@ -251,8 +356,17 @@ class ModelCache(Sequence[Cache]):
 
     @property
     def length(self) -> int:
-        """Tokens held (the same in every layer)."""
+        """Tokens held (the same in every layer; the longest selected row's, when rows differ)."""
         return self.layers[0].length
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].batch_size
+
+    def select(self, rows: Sequence[int] | None = None) -> None:
+        """Select the same rows in every layer (see :meth:`Cache.select`)."""
+        for c in self.layers:
+            c.select(rows)
 
     @property
     def max_len(self) -> int:
@@ -279,9 +393,10 @@ class ModelCache(Sequence[Cache]):
     def nbytes(self) -> int:
         return sum(c.nbytes for c in self.layers)
 
-    def reset(self) -> None:
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Empty ``rows`` (default: all) in every layer."""
         for c in self.layers:
-            c.reset()
+            c.reset(rows)
 
     def __repr__(self) -> str:
         return (

@@ -1,10 +1,12 @@
 """A paged KV cache: fixed-size blocks, a pool, a free list and a block table per sequence.
 
-The caches of :mod:`kqv.cache` give each sequence of a batch a contiguous
-buffer of S_max tokens, all with one fill level. A server cannot work that way:
-its requests have different lengths, arrive and finish at different times, and
-most never reach S_max. Reserving S_max for each wastes most of the memory
-that should hold other requests' tokens (:func:`memory_waste` counts it).
+The caches of :mod:`kqv.cache` give each sequence of a batch a contiguous row
+of S_max slots. A row can hold a sequence of any length and take a new one
+when it finishes (:meth:`kqv.cache.Cache.select`), but it keeps its S_max
+slots whatever it holds. A server cannot work that way: its requests have
+different lengths, arrive and finish at different times, and most never reach
+S_max. Reserving S_max for each wastes most of the memory that should hold
+other requests' tokens (:func:`memory_waste` counts it).
 
 PagedAttention (Kwon et al. 2023, vLLM, arXiv 2309.06180) borrows the answer
 of an operating system's virtual memory::
@@ -796,6 +798,17 @@ class PagedModelCache(ModelCache):
                 f"{len(self.blocks.batch)} sequences are selected ({self.blocks.batch}) but the input has {batch_size} rows"
             )
         self.blocks.begin(num_tokens)
+
+    def select(self, rows: Sequence[int] | None = None) -> None:
+        """Select sequences by id for the next steps (:meth:`BlockManager.select`); None: every live one."""
+        self.blocks.select(sorted(self.blocks.tables) if rows is None else rows)
+
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Free the sequences ``rows`` (by id), or forget every sequence."""
+        if rows is None:
+            self.blocks.reset()
+        for seq in rows or ():
+            self.blocks.free(seq)
 
     def __repr__(self) -> str:
         return f"PagedModelCache({len(self.layers)} x {type(self.layers[0]).__name__}, {self.blocks!r})"

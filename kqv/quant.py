@@ -20,10 +20,10 @@ cache stores 656 bytes per token: the 512 latent numbers in float8_e4m3fn,
 4 float32 scales (one per 128 numbers, 16 bytes) and the 64 RoPE numbers kept
 in bfloat16 (128 bytes), "not quantized for accuracy" (FlashMLA's README).
 
-Like :class:`kqv.KVCache`, a quantized cache holds one fill level for the whole
-batch: every row has written the same number of tokens. Rows of different
-lengths that join and leave between steps are the paged cache's job
-(:mod:`kqv.paged`, whose pools hold plain floating-point numbers).
+Like :class:`kqv.KVCache`, a quantized cache gives each row of the batch its
+own fill level (:meth:`kqv.cache.Cache.select`, :meth:`~kqv.cache.Cache.reset`),
+so sequences of different lengths share a batch; each token's scales are its
+own, so a row is quantized the same way whatever the others hold.
 
 ``bytes_per_token`` counts the scales. Attention reads the values back in the
 model's dtype (FlashMLA also computes in bfloat16 after dequantizing); a real

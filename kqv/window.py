@@ -20,9 +20,10 @@ So the cache keeps the first ``sinks`` tokens for good and rolls the rest::
     window = 6, sinks = 2:        slot  0    1  | 2    3    4    5
                                   pos   0    1  | 8    9    6    7   (a rolling buffer of 4)
 
-Like :class:`kqv.KVCache`, a window cache holds one fill level for the whole
-batch: every row has written the same number of tokens. Rows of different
-lengths are the paged cache's job (:mod:`kqv.paged`).
+Like :class:`kqv.KVCache`, a window cache gives each row of the batch its own
+fill level (:meth:`kqv.cache.Cache.select`, :meth:`~kqv.cache.Cache.reset`):
+rows that have seen different numbers of tokens have their sinks, slots and
+mask apart, and a batch of them decodes together.
 
 ``window`` counts every slot, sinks included, so that a cache with and
 without sinks holds the same number of tokens; it must be larger than
@@ -114,7 +115,7 @@ class SlidingWindowCache(Cache):
         super().__init__(shapes, max_len=window, dtype=dtype, device=device)
         self.window, self.sinks, self.sink_positions = window, sinks, sink_positions
         self.recent = window - sinks                   # R: the rolling part
-        self.seen = 0                                  # tokens seen: the next one's position
+        self._seen = [0] * self.num_rows               # per row, tokens seen: its next token's position
         self._rope = rope
         self._mask: torch.Tensor | None = None
         # The sinks' keys as first rotated, to move them from (StreamingLLM positions only).
@@ -128,7 +129,18 @@ class SlidingWindowCache(Cache):
 
     # --- what it holds ---------------------------------------------------------------
     @property
-    def next_position(self) -> int:
+    def seen(self) -> int | torch.Tensor:
+        """Tokens each selected row has seen, held or not: one int when they agree, else a (B,) tensor."""
+        seen = [self._seen[r] for r in self.rows]
+        return seen[0] if len(set(seen)) == 1 else torch.tensor(seen, device=self.device)
+
+    @seen.setter
+    def seen(self, value: int) -> None:
+        for r in self.rows:
+            self._seen[r], self.lengths[r] = value, min(value, self.window)
+
+    @property
+    def next_position(self) -> int | torch.Tensor:
         """The position of the next token in the text: every token seen, not only those held."""
         return self.seen
 
@@ -138,8 +150,11 @@ class SlidingWindowCache(Cache):
         extra = 0 if self.sink_keys is None else self.sink_keys.numel() * self.sink_keys.element_size()
         return super().nbytes + extra
 
-    def reset(self) -> None:
-        self.length = self.seen = 0
+    def reset(self, rows: Sequence[int] | None = None) -> None:
+        """Forget every token of ``rows`` (default: of every row), seen or held."""
+        super().reset(rows)
+        for r in range(self.num_rows) if rows is None else self._check_rows(rows):
+            self._seen[r] = 0
         self._mask = None
 
     def slot(self, position: int) -> int:
@@ -151,6 +166,8 @@ class SlidingWindowCache(Cache):
     def slot_positions(self, seen: int | None = None) -> torch.Tensor:
         """The position of the token in each slot after ``seen`` tokens (default: now), -1 where empty."""
         seen = self.seen if seen is None else seen
+        if isinstance(seen, torch.Tensor):
+            raise ValueError(f"the selected rows have seen different numbers of tokens, {seen.tolist()}: pass seen")
         s, R = self.sinks, self.recent
         slots = torch.arange(self.window, device=self.device)
         # Rolling slot i holds positions i, i + R, i + 2R, ...: the last of them below `seen`.
@@ -160,37 +177,83 @@ class SlidingWindowCache(Cache):
 
     # --- filling it ------------------------------------------------------------------
     def _roll(self, new: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """Store T new tokens and return what the T queries read: the held tokens (and the new ones)."""
-        if set(new) != set(self.buffers):
-            raise ValueError(f"expected tensors for {sorted(self.buffers)}, got {sorted(new)}")
-        T = {new[n].shape[self._seq_dims[n]] for n in new}
-        if len(T) != 1:
-            raise ValueError(f"new tensors disagree on the number of tokens: {T}")
-        T = T.pop()
-        for name, t in new.items():
-            buf, dim = self.buffers[name], self._seq_dims[name]
-            expected = list(buf.shape)
-            expected[dim] = T
-            if list(t.shape) != expected:
-                raise ValueError(f"{name} has shape {tuple(t.shape)}, the cache expects {tuple(expected)}")
-            if t.dtype != buf.dtype:
-                raise TypeError(f"{name} has dtype {t.dtype}, the cache holds {buf.dtype}")
-        p0 = self.seen
+        """Store T new tokens in each selected row and return what the T queries read.
+
+        Rows that have seen equally many tokens have the same slots and the
+        same mask, and roll as one batch; a batch whose rows differ rolls each
+        such group of rows apart, and pads what they read to the longest.
+        """
+        T = self._check_new(new)
+        rows = self.rows
+        groups: dict[int, list[int]] = {}             # tokens seen -> the batch positions of its rows
+        for i, r in enumerate(rows):
+            groups.setdefault(self._seen[r], []).append(i)
+        if len(groups) == 1 and rows == list(range(self.num_rows)):
+            # One fill level: roll the buffers themselves (what the queries read are views).
+            out, k_pos, q_pos = self._roll_rows(self.buffers, self.sink_keys, new, self._seen[rows[0]])
+            # One new token sees every key it was given: no mask, so the fused kernel has less to read.
+            self._mask = None if T == 1 else self._window_mask(k_pos, q_pos)
+        else:
+            out = self._roll_groups(new, groups, T)
+        for r in rows:
+            self._seen[r] += T
+            self.lengths[r] = min(self._seen[r], self.window)
+        return out
+
+    def _roll_groups(self, new: dict[str, torch.Tensor], groups: dict[int, list[int]], T: int) -> tuple[torch.Tensor, ...]:
+        """Roll each group of rows on copies of its rows, write them back; pad and mask what they read."""
+        rows, pieces = self.rows, []
+        for p0, batch in groups.items():
+            pick = torch.tensor(batch, device=self.device)                       # where in the batch
+            index = torch.tensor([rows[i] for i in batch], device=self.device)   # which rows of the cache
+            buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
+            sink_keys = None if self.sink_keys is None else self.sink_keys.index_select(0, index)
+            out, k_pos, q_pos = self._roll_rows(buffers, sink_keys, {n: t.index_select(0, pick) for n, t in new.items()}, p0)
+            for n, b in buffers.items():
+                self.buffers[n].index_copy_(0, index, b)
+            if sink_keys is not None:
+                self.sink_keys.index_copy_(0, index, sink_keys)
+            pieces.append((pick, out, self._window_mask(k_pos, q_pos)))                # mask: (T, S_g)
+        S = max(mask.shape[-1] for _, _, mask in pieces)
+        self._mask = torch.zeros(len(rows), 1, T, S, dtype=torch.bool, device=self.device)  # (B, 1, T, S)
+        padded = []
+        for j, (name, t) in enumerate(new.items()):
+            dim = self._seq_dims[name]
+            shape = list(t.shape)
+            shape[dim] = S
+            full = torch.zeros(shape, dtype=t.dtype, device=t.device)                  # (B, ..., S, ...)
+            for pick, out, _ in pieces:
+                part = torch.zeros([len(pick), *shape[1:]], dtype=t.dtype, device=t.device)
+                part.narrow(dim, 0, out[j].shape[dim]).copy_(out[j])
+                full.index_copy_(0, pick, part)
+            padded.append(full)
+        for pick, _, mask in pieces:
+            self._mask[pick, 0, :, : mask.shape[-1]] = mask
+        return tuple(padded)
+
+    def _window_mask(self, k_pos: torch.Tensor, q_pos: torch.Tensor) -> torch.Tensor:
+        """(T, S): each query sees the keys at or before it that are sinks or among its ``recent`` latest."""
+        earlier = (k_pos >= 0) & (k_pos <= q_pos.unsqueeze(1))
+        return earlier & ((k_pos > q_pos.unsqueeze(1) - self.recent) | (k_pos < self.sinks))
+
+    def _roll_rows(self, buffers, sink_keys, new, p0: int):
+        """Roll rows that have all seen ``p0`` tokens: write into ``buffers``; return what they read and the positions."""
+        T = next(iter(new.values())).shape[self._seq_dims[next(iter(new))]]
         q_pos = torch.arange(p0, p0 + T, device=self.device)            # (T,)
-        self._move_sinks(p0)
+        self._move_sinks(buffers, sink_keys, p0)
         if T == 1:
             # The slot it takes holds the token that has just left the window: write, then read in place.
             for name, t in new.items():
-                self.buffers[name].narrow(self._seq_dims[name], self.slot(p0), 1).copy_(t)
-            self._keep_sink_keys(new, p0, T)
+                buffers[name].narrow(self._seq_dims[name], self.slot(p0), 1).copy_(t)
+            self._keep_sink_keys(sink_keys, new, p0, T)
             held = min(p0 + 1, self.window)
-            out = tuple(self.buffers[n].narrow(self._seq_dims[n], 0, held) for n in new)
+            out = tuple(buffers[n].narrow(self._seq_dims[n], 0, held) for n in new)
             k_pos = self.slot_positions(p0 + 1)[:held]
         else:
             # A chunk's first queries still see tokens that its last ones evict: read, then write.
             held = min(p0, self.window)
             out = tuple(
-                torch.cat((self.buffers[n].narrow(self._seq_dims[n], 0, held), t), dim=self._seq_dims[n])
+                torch.cat((buffers[n].narrow(self._seq_dims[n], 0, held), t), dim=self._seq_dims[n])
                 for n, t in new.items()
             )
             k_pos = torch.cat((self.slot_positions(p0)[:held], q_pos))
@@ -199,41 +262,35 @@ class SlidingWindowCache(Cache):
             index = torch.tensor([p - p0 for p in keep], device=self.device)
             slots = torch.tensor([self.slot(p) for p in keep], device=self.device)
             for name, t in new.items():
-                self.buffers[name].index_copy_(self._seq_dims[name], slots, t.index_select(self._seq_dims[name], index))
-            self._keep_sink_keys(new, p0, T)
-        self.seen = p0 + T
-        self.length = min(self.seen, self.window)
-        # Each query sees the keys at or before it that are sinks or among its `recent` latest.
-        # (One new token sees every key it was given: no mask, so the fused kernel has less to read.)
-        earlier = (k_pos >= 0) & (k_pos <= q_pos.unsqueeze(1))                    # (T, S)
-        self._mask = None if T == 1 else earlier & ((k_pos > q_pos.unsqueeze(1) - self.recent) | (k_pos < self.sinks))
-        return out
+                buffers[name].index_copy_(self._seq_dims[name], slots, t.index_select(self._seq_dims[name], index))
+            self._keep_sink_keys(sink_keys, new, p0, T)
+        return out, k_pos, q_pos
 
     def _rope_part(self, t: torch.Tensor) -> torch.Tensor:
         """The coordinates that RoPE rotated (a latent row's last d_r; all of a key)."""
         return t[..., self._rope[1]:]
 
-    def _keep_sink_keys(self, new: dict[str, torch.Tensor], p0: int, T: int) -> None:
+    def _keep_sink_keys(self, sink_keys, new: dict[str, torch.Tensor], p0: int, T: int) -> None:
         """Remember the sinks' keys as first rotated, the reference they are moved from."""
-        if self.sink_keys is None or p0 >= self.sinks:
+        if sink_keys is None or p0 >= self.sinks:
             return
         name = self._rope[0]
         dim, n = self._seq_dims[name], min(self.sinks, p0 + T) - p0
         part = self._rope_part(new[name].narrow(dim, 0, n))
-        self.sink_keys.narrow(dim, p0, n).copy_(part)
+        sink_keys.narrow(dim, p0, n).copy_(part)
 
-    def _move_sinks(self, p0: int) -> None:
+    def _move_sinks(self, buffers, sink_keys, p0: int) -> None:
         """Rotate the sinks' keys to sit just before the oldest window token that query p0 sees."""
-        if self.sink_keys is None or p0 < self.window:
+        if sink_keys is None or p0 < self.window:
             return                                                        # nothing has left the window yet
         name, first, theta, interleaved = self._rope
         dim = self._seq_dims[name]
         shift = p0 + 1 - self.window                                      # oldest seen: p0 - recent + 1 = sinks + shift
-        cos, sin = rope_angles(torch.tensor([shift], device=self.device), self.sink_keys.shape[-1], theta)  # (1, d/2)
-        keys = self.sink_keys if dim == 2 else self.sink_keys.unsqueeze(1)             # (B, heads, sinks, d)
+        cos, sin = rope_angles(torch.tensor([shift], device=self.device), sink_keys.shape[-1], theta)  # (1, d/2)
+        keys = sink_keys if dim == 2 else sink_keys.unsqueeze(1)                       # (B, heads, sinks, d)
         moved = apply_rope(keys, cos, sin, interleaved=interleaved)
         moved = moved if dim == 2 else moved.squeeze(1)
-        self._rope_part(self.buffers[name].narrow(dim, 0, self.sinks)).copy_(moved)
+        self._rope_part(buffers[name].narrow(dim, 0, self.sinks)).copy_(moved)
 
     def attend(
         self,
@@ -246,7 +303,8 @@ class SlidingWindowCache(Cache):
         fused: bool = False,
     ) -> torch.Tensor:
         """Attention under the window's mask (causal by construction: a query never sees a later token)."""
-        if (q.shape[-2], k.shape[-2]) != ((1, k.shape[-2]) if self._mask is None else tuple(self._mask.shape)):
+        expected = (1, k.shape[-2]) if self._mask is None else tuple(self._mask.shape[-2:])
+        if (q.shape[-2], k.shape[-2]) != expected:
             raise RuntimeError(f"attend reads what the last update returned: got {q.shape[-2]} queries, {k.shape[-2]} keys")
         return scaled_dot_product_attention(q, k, v, mask=self._mask, scale=scale, fused=fused)
 
