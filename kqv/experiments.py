@@ -22,12 +22,13 @@ Options: ``--quick`` (tiny sizes: about a minute each, for tests), ``--device``
 ``kqv/data/results``, where the committed results live, so that they install
 with the package and a notebook reads them in Colab too). Sizes depend on the device (:func:`plan`): a CUDA device runs
 larger models for longer (that path is untested: no GPU was at hand). The CPU
-sizes are for a 2-core machine. On this project's (two threads, other
-programs running too): ``uptrain`` 66 minutes with the load average at 10 to
-15 most of the time, ``quality`` 2 more (the measurements it shares with
-``uptrain`` are reused), ``scratch`` 10.5 minutes at a load near 1.5. Timed on
-the idle machine, the command estimates about 30 minutes for ``uptrain``
-(35 s a measurement, at most 312 s a repair), so about 45 minutes for all three.
+sizes are for a 2-core machine. On this project's, with nothing else running
+(two threads, the three subcommands one after the other, 2026-12-05):
+``uptrain`` 14.8 minutes, ``quality`` 1.0 more (it reuses the measurements
+``uptrain`` made and adds two), ``scratch`` 7.9 minutes: 23.7 minutes in all.
+The same run on the shared machine (load average 10 to 15) took 66 minutes
+for ``uptrain`` alone. The committed results are that idle run's, written with
+``--out`` to a scratch folder and copied here.
 
 What ``scratch`` can show at the CPU size (1M parameters, 410K tokens, 3
 seeds): differences in validation loss larger than the spread over seeds,
