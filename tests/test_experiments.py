@@ -83,3 +83,69 @@ def test_unknown_conversion_is_named():
 def test_load_results_says_where_it_looked(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"quality.json.*python -m kqv.experiments quality --out"):
         experiments.load_results("quality", tmp_path)
+
+
+# --- the committed results still follow from the code -----------------------------------------
+# The full runs take minutes; their first pieces take seconds. If a change to kqv
+# changes what a run computes, these fail, and the results must be made again.
+
+pytest_plugins = ["conftest_smollm2"]
+
+
+def test_uptrain_and_quality_measured_the_same_unrepaired_models():
+    quality = {row["key"]: row["perplexity"] for row in experiments.load_results("quality")["results"]}
+    uptrain = experiments.load_results("uptrain")
+    assert uptrain["original"]["perplexity"] == quality["original"]
+    for row in uptrain["results"]:
+        assert row["before"] == quality[row["key"]], row["key"]
+
+
+@pytest.mark.parametrize("key", ["original", "mqa-mean"])
+def test_committed_quality_follows_from_the_code(smol_model, smol_tokenizer, key):
+    """The first window of the standard measurement, scored again, gives the stored number."""
+    row = next(r for r in experiments.load_results("quality")["results"] if r["key"] == key)
+    ids = evaluate.eval_tokens(smol_tokenizer)[:, : evaluate.WINDOW]                   # window 0
+    model = experiments.build_conversion(key, smol_model, calibration=None)
+    with torch.no_grad():
+        nll = float(evaluate.window_nll(model, ids)[0])
+    assert nll == pytest.approx(row["perplexity"]["window_nll"][0], rel=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_committed_scratch_follows_from_the_code():
+    """The first logged loss of MHA's seed-0 run, trained again, is the stored one (on a machine like the run's)."""
+    doc = experiments.load_results("scratch")
+    the_plan = experiments.plan("cpu", seeds=tuple(doc["seeds"]))
+    here = {"device": "cpu", "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "precision": str(train.autocast_dtype("cpu", the_plan.scratch.train.precision) or "torch.float32")}
+    there = {"device": doc["device"], "threads": doc["threads"], "torch": doc["versions"]["torch"],
+             "precision": doc["precision"]}
+    if here != there:
+        pytest.skip(f"this machine trains differently from the committed run: {here} against {there}")
+    assert doc["settings"]["scratch"] == json.loads(json.dumps(the_plan.as_dict()["scratch"]))
+    from kqv import corpus
+    from kqv.model import Decoder
+
+    tokenizer = train.train_bpe(corpus.documents("train"), the_plan.scratch.vocab_size)
+    assert experiments._sha(tokenizer.to_str()) == doc["tokenizer"]["sha256"]
+    train_ids = torch.tensor(tokenizer.encode(corpus.text("train")).ids)
+    ts = the_plan.scratch.train
+    config = experiments.scratch_designs(the_plan.scratch)["MHA"]
+    torch.manual_seed(0)
+    model = Decoder(config)
+    train.init_weights(model)
+    losses = []
+
+    def record(step, loss):
+        losses.append(loss)
+        if len(losses) == ts.log_every:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        train.train_lm(model, train_ids, ts, seed=0, progress=record)
+    stored = next(r for r in next(d for d in doc["results"] if d["design"] == "MHA")["runs"] if r["seed"] == 0)
+    assert stored["losses"][0][0] == ts.log_every
+    assert sum(losses) / len(losses) == pytest.approx(stored["losses"][0][1], rel=1e-6)
