@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import pytest
 import torch
@@ -144,3 +145,30 @@ def test_a_missing_results_file_says_what_to_do(monkeypatch, tmp_path):
     monkeypatch.setattr(serving_results.resources, "files", lambda package: tmp_path)
     with pytest.raises(FileNotFoundError, match=r"package data must include data/\*\.json.*python -m kqv.serving_results"):
         serving_results.load()
+
+
+# --- the committed results still follow from the code -------------------------------------------
+
+pytest_plugins = ["conftest_smollm2"]
+
+
+@pytest.mark.parametrize("what", [("quality", "int8"), ("window", (32, 4)), ("window", (32, 0))])
+def test_the_committed_first_window_follows_from_the_code(smol_model, smol_tokenizer, what):
+    """Window 0 of the committed run, scored again through the same cache, gives the stored number.
+
+    If a change to kqv moves it, the file is stale: run ``python -m kqv.serving_results`` again.
+    """
+    from kqv.quant import cache_quality
+    from kqv.window import window_perplexity
+
+    results = serving_results.load()
+    window = results["meta"]["window"]
+    ids = serving_results.evaluation_ids(smol_tokenizer)[:, :window]                    # window 0
+    kind, setting = what
+    if kind == "quality":
+        row = next(r for r in results["quality"] if r["format"] == setting)
+        ppl = cache_quality(smol_model, ids, [setting])[0]["perplexity"]
+    else:
+        row = next(r for r in results["window"] if (r["window"], r["sinks"]) == setting)
+        ppl = window_perplexity(smol_model, ids, setting[0], sinks=setting[1], chunk=results["meta"]["chunk"])
+    assert math.log(ppl) * (window - 1) == pytest.approx(row["window_nll"][0], rel=1e-5)
