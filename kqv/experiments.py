@@ -366,9 +366,14 @@ def _header(subcommand: str, argv: list[str], device: torch.device, the_plan: Pl
     }
 
 
-def _write(out: Path, name: str, doc: dict) -> Path:
+def _write(out: Path, doc: dict, results: list, notes: list[str], t0: float) -> Path:
+    """Finish ``doc`` (its results, notes, wall time, load at the end), check it, write <out>/<subcommand>.json."""
+    doc["results"] = results
+    doc["notes"] = notes
+    doc["wall_seconds"] = time.perf_counter() - t0
+    doc["load_average"]["end"] = _load()
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{name}.json"
+    path = out / f"{doc['subcommand']}.json"
     validate(doc)
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
@@ -452,11 +457,7 @@ def run_quality(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
     for row in rows:
         row["cache_fraction"] = row["bytes_per_token"] / base["bytes_per_token"]
         row["ratio_to_original"] = _ratio(row["perplexity"], base["perplexity"])
-    doc["results"] = rows
-    doc["notes"] = _QUALITY_NOTES
-    doc["wall_seconds"] = time.perf_counter() - t0
-    doc["load_average"]["end"] = _load()
-    _write(out, "quality", doc)
+    _write(out, doc, rows, _QUALITY_NOTES, t0)
     return doc
 
 
@@ -555,11 +556,7 @@ def run_uptrain(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
     doc["repair_tokens"] = repair_tokens
     # SmolLM2-135M was pretrained on 2 trillion tokens (its model card on Hugging Face).
     doc["pretraining_fraction"] = repair_tokens / 2e12
-    doc["results"] = rows
-    doc["notes"] = _UPTRAIN_NOTES
-    doc["wall_seconds"] = time.perf_counter() - t0
-    doc["load_average"]["end"] = _load()
-    _write(out, "uptrain", doc)
+    _write(out, doc, rows, _UPTRAIN_NOTES, t0)
     return doc
 
 
@@ -676,11 +673,7 @@ def run_scratch(device: torch.device, the_plan: Plan, out: Path, argv: list[str]
     doc["tokenizer"] = {"kind": "byte-level BPE, kqv.train.train_bpe on the train split",
                         "vocab_size": size.vocab_size, "sha256": _sha(tokenizer.to_str()),
                         "train_tokens": train_ids.numel(), "validation_tokens": val_ids.numel()}
-    doc["results"] = results
-    doc["notes"] = _SCRATCH_NOTES
-    doc["wall_seconds"] = time.perf_counter() - t0
-    doc["load_average"]["end"] = _load()
-    _write(out, "scratch", doc)
+    _write(out, doc, results, _SCRATCH_NOTES, t0)
     return doc
 
 
