@@ -101,6 +101,11 @@ class Cache:
         return list(range(self.num_rows)) if self._rows is None else list(self._rows)
 
     @property
+    def every_row(self) -> bool:
+        """Are all rows selected, in order (so the batch is the buffers themselves)?"""
+        return self._rows is None or self._rows == list(range(self.num_rows))
+
+    @property
     def batch_size(self) -> int:
         """B of the next forward pass: the number of selected rows."""
         return self.num_rows if self._rows is None else len(self._rows)
@@ -223,10 +228,9 @@ class Cache:
                 f"cache overflow: row {r} holds {s} of max_len={self.max_len} tokens "
                 f"and cannot take {T} more; create it with a larger max_len"
             )
-        every_row = self._rows is None or rows == list(range(self.num_rows))
         for name, t in new.items():
             buf, dim = self.buffers[name], self._seq_dims[name]
-            if every_row and len(set(starts)) == 1:
+            if self.every_row and len(set(starts)) == 1:
                 buf.narrow(dim, starts[0], T).copy_(t)          # one fill level: one slice
             else:
                 for i, (r, start) in enumerate(zip(rows, starts)):
@@ -235,7 +239,7 @@ class Cache:
         for r, end in zip(rows, ends):
             self.lengths[r] = end
         self._key_lengths = None if len(set(ends)) == 1 else torch.tensor(ends, device=self.device)
-        index = None if every_row else torch.tensor(rows, device=self.device)
+        index = None if self.every_row else torch.tensor(rows, device=self.device)
         views = []
         for name in new:
             buf = self.buffers[name] if index is None else self.buffers[name].index_select(0, index)

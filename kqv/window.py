@@ -188,9 +188,9 @@ class SlidingWindowCache(Cache):
         groups: dict[int, list[int]] = {}             # tokens seen -> the batch positions of its rows
         for i, r in enumerate(rows):
             groups.setdefault(self._seen[r], []).append(i)
-        if len(groups) == 1 and rows == list(range(self.num_rows)):
+        if len(groups) == 1 and self.every_row:
             # One fill level: roll the buffers themselves (what the queries read are views).
-            out, k_pos, q_pos = self._roll_rows(self.buffers, self.sink_keys, new, self._seen[rows[0]])
+            out, k_pos, q_pos = self._roll_rows(self.buffers, self.sink_keys, new, self._seen[rows[0]], T)
             # One new token sees every key it was given: no mask, so the fused kernel has less to read.
             self._mask = None if T == 1 else self._window_mask(k_pos, q_pos)
         else:
@@ -208,7 +208,7 @@ class SlidingWindowCache(Cache):
             index = torch.tensor([rows[i] for i in batch], device=self.device)   # which rows of the cache
             buffers = {n: b.index_select(0, index) for n, b in self.buffers.items()}
             sink_keys = None if self.sink_keys is None else self.sink_keys.index_select(0, index)
-            out, k_pos, q_pos = self._roll_rows(buffers, sink_keys, {n: t.index_select(0, pick) for n, t in new.items()}, p0)
+            out, k_pos, q_pos = self._roll_rows(buffers, sink_keys, {n: t.index_select(0, pick) for n, t in new.items()}, p0, T)
             for n, b in buffers.items():
                 self.buffers[n].index_copy_(0, index, b)
             if sink_keys is not None:
@@ -236,9 +236,8 @@ class SlidingWindowCache(Cache):
         earlier = (k_pos >= 0) & (k_pos <= q_pos.unsqueeze(1))
         return earlier & ((k_pos > q_pos.unsqueeze(1) - self.recent) | (k_pos < self.sinks))
 
-    def _roll_rows(self, buffers, sink_keys, new, p0: int):
-        """Roll rows that have all seen ``p0`` tokens: write into ``buffers``; return what they read and the positions."""
-        T = next(iter(new.values())).shape[self._seq_dims[next(iter(new))]]
+    def _roll_rows(self, buffers, sink_keys, new, p0: int, T: int):
+        """Roll rows that have all seen ``p0`` tokens: write T new ones into ``buffers``; return what they read and the positions."""
         q_pos = torch.arange(p0, p0 + T, device=self.device)            # (T,)
         self._move_sinks(buffers, sink_keys, p0)
         if T == 1:
