@@ -125,6 +125,17 @@ def test_every_figure_of_the_page_is_in_the_notebook(chapter, rendered):
 
 
 @pytest.mark.parametrize("chapter", CHAPTERS, ids=_id)
+def test_every_figure_has_its_alt_text(chapter, rendered):
+    """nbconvert, like JupyterLab, shows an image output with no alt text; the figures carry theirs."""
+    _, body = rendered[chapter.name]
+    soup = BeautifulSoup(body, "html.parser")
+    alts = [img.get("alt", "") for img in soup.find_all("img")]
+    assert "No description has been provided for this image" not in alts, f"{chapter.name}: an image without alt text"
+    for name, alt in _site_figures(chapter):
+        assert alt in alts, f"{chapter.name}: figure {name} is not an image with its alt text"
+
+
+@pytest.mark.parametrize("chapter", CHAPTERS, ids=_id)
 def test_every_solution_is_folded(chapter, rendered):
     nb, body = rendered[chapter.name]
     source = "\n".join(reader_notebooks._source_text(chapter.relative_to(ROOT).with_suffix("").as_posix()))

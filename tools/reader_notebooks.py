@@ -402,10 +402,16 @@ class Figure:
     alt: str = ""
 
     def output(self) -> dict:
-        """The figure as a cell shows it: SVG (with its alt text as its title), or PNG."""
-        if "image/svg+xml" in self.bundle:
-            return {"image/svg+xml": self.svg(), "text/plain": "<Figure>"}
-        return {"image/png": self.bundle["image/png"], "text/plain": "<Figure>"}
+        """The figure as a cell shows it: SVG (with its alt text as its title), or PNG.
+
+        With alt text, also as HTML, an image with that alt text: JupyterLab, Colab and
+        nbconvert prefer HTML to an image, and show an image output with no alt at all.
+        """
+        bundle = ({"image/svg+xml": self.svg()} if "image/svg+xml" in self.bundle
+                  else {"image/png": self.bundle["image/png"]})
+        if self.alt:
+            bundle["text/html"] = self.img()
+        return {**bundle, "text/plain": "<Figure>"}
 
     def svg(self) -> str:
         svg = self.bundle["image/svg+xml"]
